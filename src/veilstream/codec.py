@@ -102,4 +102,7 @@ def publish_roundtrip(frame: Frame, codec: Codec, quality: int) -> tuple[bytes, 
     """What a consumer of the published bytes sees: encode, then decode again."""
     data = encode_frame(frame, codec, quality)
     bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-    return data, np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    if bgr is None:
+        raise ValueError(f"OpenCV could not decode the {codec} it just encoded")
+    rgb: Frame = np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    return data, rgb

@@ -92,14 +92,21 @@ class GaussianBlur:
             raise ValueError(f"blur sigma must be positive, got {self.sigma}")
 
     def parameters_for(self, region: Region) -> tuple[float, int]:
-        sigma = self.sigma if self.sigma is not None else max(self.min_sigma, self.relative_sigma * min(region.width, region.height))
+        sigma = (
+            self.sigma
+            if self.sigma is not None
+            else max(self.min_sigma, self.relative_sigma * min(region.width, region.height))
+        )
         kernel = self.kernel if self.kernel is not None else 2 * math.ceil(3 * sigma) + 1
         return sigma, kernel
 
     def anonymize(self, frame: torch.Tensor, regions: Sequence[Region]) -> torch.Tensor:
         largest = max((self.parameters_for(r)[1] for r in regions), default=1)
         return _apply_per_region(
-            frame, regions, largest // 2, lambda crop, region: separable_gaussian(crop, *self.parameters_for(region))
+            frame,
+            regions,
+            largest // 2,
+            lambda crop, region: separable_gaussian(crop, *self.parameters_for(region)),
         )
 
 

@@ -213,15 +213,13 @@ def load_torchscript(path: Path, device: torch.device | str = "cpu") -> nn.Modul
     if not path.is_file():
         raise ModelLoadError(f"TorchScript file not found: {path}")
     try:
-        module: nn.Module = torch.jit.load(str(path), map_location=device)
+        module: nn.Module = torch.jit.load(str(path), map_location=device)  # type: ignore[no-untyped-call]
     except Exception as error:
         raise ModelLoadError(f"cannot load TorchScript file {path}: {error}") from error
     return module
 
 
-def load_module_with_state(
-    factory: str, state_dict: Path | None, kwargs: Mapping[str, Any] | None = None
-) -> nn.Module:
+def load_module_with_state(factory: str, state_dict: Path | None, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
     """Build `package.module:callable(**kwargs)` and load a state dict into it."""
     module_name, _, attribute = factory.partition(":")
     if not attribute:
@@ -235,7 +233,7 @@ def load_module_with_state(
         if not state_dict.is_file():
             raise ModelLoadError(f"state dict not found: {state_dict}")
         try:
-            model.load_state_dict(torch.load(state_dict, map_location="cpu", weights_only=True))
+            model.load_state_dict(torch.load(state_dict, map_location="cpu", weights_only=True))  # type: ignore[no-untyped-call]
         except Exception as error:
             raise ModelLoadError(f"cannot load state dict {state_dict}: {error}") from error
     return model

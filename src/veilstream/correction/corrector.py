@@ -22,7 +22,7 @@ from veilstream.codec import Codec, Frame, publish_roundtrip
 from veilstream.correction.classifier import Decision, Ensemble
 
 StopCriterion = Literal["published", "float"]
-StopReason = Literal["already_consistent", "corrected", "iteration_budget", "time_budget"]
+StopReason = Literal["already_consistent", "corrected", "iteration_budget", "time_budget", "no_region"]
 
 
 @dataclass(frozen=True)
@@ -148,8 +148,10 @@ class AdaptiveCorrector:
             if not naive:
                 naive = {i: p[2] for i, p in zip(active, published, strict=True)}
             if settings.stop == "published":
-                agree = [not _changed(self.ensemble.describe(reference, reference_confidence, i), p[2])
-                         for i, p in zip(active, published, strict=True)]
+                agree = [
+                    not _changed(self.ensemble.describe(reference, reference_confidence, i), p[2])
+                    for i, p in zip(active, published, strict=True)
+                ]
             else:
                 decisions, _ = self.ensemble.decide([current[i] for i in active])
                 agree = [bool((decisions[:, k] == reference[:, i]).all()) for k, i in enumerate(active)]
@@ -159,6 +161,8 @@ class AdaptiveCorrector:
             for i, ok, p in zip(active, agree, published, strict=True):
                 if ok:
                     finish(i, "already_consistent" if iterations[i] == 0 else "corrected", p)
+                elif not bool(region[i].any()):
+                    finish(i, "no_region", p)  # nothing may change, so nothing can be corrected
                 elif iterations[i] >= settings.max_iterations:
                     finish(i, "iteration_budget", p)
                 elif out_of_time:
@@ -169,7 +173,7 @@ class AdaptiveCorrector:
             if not active:
                 break
             step_start = time.perf_counter()
-            self._step(active, current, anon, region, low, high, reference)
+            self._step(active, current, region, low, high, reference)
             for i in active:
                 iterations[i] += 1
             last_step_ms = (time.perf_counter() - step_start) * 1000
@@ -188,7 +192,6 @@ class AdaptiveCorrector:
         self,
         active: Sequence[int],
         current: list[torch.Tensor],
-        anon: Sequence[torch.Tensor],
         region: Sequence[torch.Tensor],
         low: Sequence[torch.Tensor],
         high: Sequence[torch.Tensor],

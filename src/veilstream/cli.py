@@ -1,0 +1,107 @@
+"""The `veilstream` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from veilstream.config import VeilstreamConfig, load_config, resolve_device
+from veilstream.errors import VeilstreamError
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from error
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def _stops(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values or any(v not in ("float", "published") for v in values):
+        raise argparse.ArgumentTypeError(f"expected float and/or published, got {text!r}")
+    return values
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="veilstream", description=__doc__)
+    parser.add_argument("--config", type=Path, help="YAML configuration (default: built-in defaults)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    evaluate = commands.add_parser("eval", help="reproduce the paper's experiment on images and videos")
+    evaluate.add_argument("paths", nargs="+", type=Path, help="image files, folders, videos")
+    evaluate.add_argument("--report", type=Path, required=True, help="folder for summary.json, frames.jsonl, plots")
+    evaluate.add_argument("--region", choices=["salient", "detect"], default="salient")
+    evaluate.add_argument("--size", type=int, default=50, help="salient window side at classifier resolution")
+    evaluate.add_argument("--alpha", type=_floats, help="step size(s), comma-separated, e.g. 0.025,0.05,0.1")
+    evaluate.add_argument("--stop", type=_stops, help="float, published, or both: float,published")
+    evaluate.add_argument("--video-step", type=int, default=10, help="use every Nth video frame")
+    evaluate.add_argument("--paper-blur", action="store_true", help="the paper's 9x9 sigma 10 Gaussian blur")
+    evaluate.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _eval(args: argparse.Namespace, config: VeilstreamConfig) -> int:
+    from veilstream.correction.anonymizers import GaussianBlur
+    from veilstream.correction.corrector import AdaptiveCorrector
+    from veilstream.correction.loading import build_anonymizer, build_ensemble, correction_settings
+    from veilstream.evaluation import EvalRun, format_table, run_eval
+    from veilstream.pipeline import Pipeline, RegionFinder, SalientRegionFinder
+
+    device = resolve_device(config.device)
+    ensemble = build_ensemble(config.classifiers, device)
+    settings = correction_settings(config.correction, config.publish)
+    anonymizer = GaussianBlur(kernel=9, sigma=10) if args.paper_blur else build_anonymizer(config.anonymizer)
+    finder: RegionFinder
+    padding = 0.0
+    if args.region == "salient":
+        finder = SalientRegionFinder(ensemble.members[0], args.size)
+    else:
+        from veilstream.detectors.config import build_region_finder
+
+        finder = build_region_finder(config.detectors, device)
+        padding = config.anonymizer.padding
+    pipeline = Pipeline(finder, anonymizer, AdaptiveCorrector(ensemble, settings, device), config.pipeline.on_failure, padding)
+    runs = [EvalRun(alpha, stop) for stop in (args.stop or [settings.stop]) for alpha in (args.alpha or [settings.alpha])]  # type: ignore[arg-type]
+    parameters = {
+        "region": args.region,
+        "size": args.size,
+        "anonymizer": "gaussian 9x9 sigma 10" if args.paper_blur else config.anonymizer.model_dump(),
+        "classifiers": [c.name for c in config.classifiers],
+        "max_iterations": settings.max_iterations,
+        "time_budget_ms": settings.time_budget_ms,
+        "max_change": settings.max_change,
+        "codec": settings.codec,
+        "quality": settings.quality,
+        "video_step": args.video_step,
+        "device": device,
+    }
+    summary = run_eval(args.paths, pipeline, config, runs, args.report, args.video_step, parameters, not args.no_progress)
+    print(format_table(summary["sweep"]))
+    for error in summary["errors"]:
+        print(f"error: {error['source']}: {error['reason']}: {error['detail']}", file=sys.stderr)
+    print(f"report: {args.report / 'summary.json'}")
+    return 0 if summary["frames"] > 0 else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+        if args.command == "eval":
+            return _eval(args, config)
+    except VeilstreamError as error:
+        print(f"veilstream: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({"error": f"unknown command {args.command}"}), file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Configuration: one YAML file validated into frozen pydantic models (unknown keys are errors).
+
+Environment overrides use `VEILSTREAM__SECTION__KEY=value` (double underscores between levels; values parsed as
+YAML scalars), applied before validation.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from veilstream.errors import ConfigError
+
+ENV_PREFIX = "VEILSTREAM__"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClassifierConfig(_Strict):
+    """A classifier whose decision is preserved. `source` picks how the model is built."""
+
+    name: str = "efficientnet-lite0"
+    source: Literal["efficientnet-lite0", "torchscript", "module"] = "efficientnet-lite0"
+    path: Path | None = Field(None, description="TorchScript file (source: torchscript)")
+    factory: str | None = Field(None, description="'package.module:callable' (source: module)")
+    factory_kwargs: dict[str, Any] = Field(default_factory=dict)
+    state_dict: Path | None = None
+    input_size: tuple[int, int] = (224, 224)
+    channel_order: Literal["rgb", "bgr"] = "rgb"
+    scale: float = Field(1.0, gt=0)
+    mean: tuple[float, float, float] = (127.0, 127.0, 127.0)
+    std: tuple[float, float, float] = (128.0, 128.0, 128.0)
+    labels: str = Field("imagenet", description="'imagenet' or a text file with one class name per line")
+    grouping: str | None = Field(
+        "imagenet-vehicles",
+        description="'imagenet-vehicles', a grouping YAML file, or null for top-1 classes",
+    )
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> ClassifierConfig:
+        if self.source == "torchscript" and self.path is None:
+            raise ValueError("source 'torchscript' needs 'path'")
+        if self.source == "module" and self.factory is None:
+            raise ValueError("source 'module' needs 'factory'")
+        return self
+
+
+class AnonymizerConfig(_Strict):
+    kind: Literal["blur", "pixelate", "mask"] = "blur"
+    kernel: int | None = Field(None, description="blur: fixed odd kernel size (paper: 9); default scales")
+    sigma: float | None = Field(None, gt=0, description="blur: fixed sigma (paper: 10); default scales")
+    relative_sigma: float = Field(0.2, gt=0, description="blur: sigma as a fraction of the region's shorter side")
+    blocks: int = Field(8, ge=1, description="pixelate: blocks across the region's shorter side")
+    value: float = Field(128.0, ge=0, le=255, description="mask: fill value")
+    shape: Literal["box", "ellipse"] = "box"
+    padding: float = Field(0.1, ge=0, le=1, description="regions grow by this fraction on each side")
+
+
+class CorrectionConfig(_Strict):
+    enabled: bool = True
+    alpha: float = Field(0.1, gt=0, description="step on the classifier's input scale")
+    max_iterations: int = Field(100, ge=0)
+    time_budget_ms: float | None = Field(5000.0, gt=0)
+    max_change: int = Field(48, ge=0, le=255, description="no pixel moves further from its anonymized value")
+    stop: Literal["published", "float"] = "published"
+
+
+class PublishConfig(_Strict):
+    codec: Literal["jpeg", "png", "webp"] = "jpeg"
+    quality: int = Field(90, ge=1, le=100)
+
+
+class DecodeConfig(_Strict):
+    min_side: int = Field(16, ge=1)
+    max_pixels: int = Field(40_000_000, ge=1)
+
+
+class PipelineConfig(_Strict):
+    on_failure: Literal["drop", "mask_frame"] = Field(
+        "drop",
+        description="a frame whose detection or correction fails: dropped with an error record, or fully masked",
+    )
+    batch_size: int = Field(4, ge=1)
+
+
+class VeilstreamConfig(_Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    classifiers: tuple[ClassifierConfig, ...] = (ClassifierConfig(),)
+    anonymizer: AnonymizerConfig = AnonymizerConfig()
+    correction: CorrectionConfig = CorrectionConfig()
+    publish: PublishConfig = PublishConfig()
+    decode: DecodeConfig = DecodeConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    detectors: dict[str, Any] = Field(default_factory=dict, description="see veilstream.detectors.config")
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in key[len(ENV_PREFIX) :].split("__") if part]
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {'.'.join(path)} is not a section")
+        node[path[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> VeilstreamConfig:
+    """Read `path` (or defaults), apply environment overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise ConfigError(f"cannot read config {path}: {error}") from error
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        data = loaded
+    data = _apply_env(data, os.environ if environ is None else environ)
+    try:
+        return VeilstreamConfig.model_validate(data)
+    except ValidationError as error:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid configuration{where}:\n{error}") from error
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but CUDA is not available")
+    return device

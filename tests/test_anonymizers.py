@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from veilstream.correction.anonymizers import GaussianBlur, Pixelate, SolidMask
+from veilstream.correction.regions import Region, region_mask
+
+from .conftest import noise_frames
+
+
+def _frame() -> torch.Tensor:
+    return torch.from_numpy(noise_frames(1, 120, 160)[0]).permute(2, 0, 1).float()
+
+
+@pytest.mark.parametrize(
+    "anonymizer", [GaussianBlur(), GaussianBlur(kernel=9, sigma=10), Pixelate(), SolidMask(value=0)]
+)
+@pytest.mark.parametrize("shape", ["box", "ellipse"])
+def test_only_the_region_changes(anonymizer: GaussianBlur | Pixelate | SolidMask, shape: str) -> None:
+    frame = _frame()
+    region = Region(30, 20, 110, 90, shape)  # type: ignore[arg-type]
+    out = anonymizer.anonymize(frame, [region])
+    mask = region_mask([region], 120, 160, frame.device)
+    assert torch.equal(out[:, ~mask], frame[:, ~mask])
+    assert (out[:, mask] - frame[:, mask]).abs().mean() > 5
+    assert torch.equal(frame, _frame()), "the input must not be modified"
+
+
+def test_default_blur_scales_with_the_region() -> None:
+    blur = GaussianBlur()
+    small_sigma, _ = blur.parameters_for(Region(0, 0, 20, 20))
+    large_sigma, large_kernel = blur.parameters_for(Region(0, 0, 400, 300))
+    assert large_sigma == pytest.approx(60.0)
+    assert large_sigma > small_sigma
+    assert large_kernel >= 6 * large_sigma
+
+
+def test_blur_removes_detail_inside_a_region() -> None:
+    frame = _frame()
+    region = Region(0, 0, 160, 120)
+    out = GaussianBlur().anonymize(frame, [region])
+    detail_before = (frame[:, :, 1:] - frame[:, :, :-1]).abs().mean()
+    detail_after = (out[:, :, 1:] - out[:, :, :-1]).abs().mean()
+    assert detail_after < detail_before / 5
+
+
+def test_ellipse_mask_is_inside_its_box() -> None:
+    region = Region(10, 10, 50, 30, "ellipse")
+    mask = region_mask([region], 40, 60, torch.device("cpu"))
+    box = region_mask([Region(10, 10, 50, 30)], 40, 60, torch.device("cpu"))
+    assert mask.sum() < box.sum()
+    assert not (mask & ~box).any()
+    assert mask[20, 30] and not mask[10, 10]
+
+
+def test_regions_outside_the_frame_are_ignored_and_clipped() -> None:
+    frame = _frame()
+    out = SolidMask().anonymize(frame, [Region(500, 500, 600, 600), Region(-20, -20, 10, 10)])
+    assert torch.all(out[:, :10, :10] == 128)
+    assert torch.equal(out[:, 10:, 10:], frame[:, 10:, 10:])
+
+
+def test_invalid_regions_are_refused() -> None:
+    with pytest.raises(ValueError, match="positive size"):
+        Region(10, 10, 5, 20)
+    with pytest.raises(ValueError, match="finite"):
+        Region(float("nan"), 0, 1, 1)
+
+
+def test_padding_grows_each_side() -> None:
+    padded = Region(10, 10, 30, 20).padded(0.5)
+    assert (padded.x1, padded.y1, padded.x2, padded.y2) == (0, 5, 40, 25)
