@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from veilstream.config import VeilstreamConfig, load_config, resolve_device
+from veilstream.config import VeilstreamConfig, load_config
 from veilstream.errors import VeilstreamError
 
 
@@ -44,31 +44,47 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--video-step", type=int, default=10, help="use every Nth video frame")
     evaluate.add_argument("--paper-blur", action="store_true", help="the paper's 9x9 sigma 10 Gaussian blur")
     evaluate.add_argument("--no-progress", action="store_true")
+    anonymize = commands.add_parser("anonymize", help="anonymize images, folders and videos into a folder")
+    anonymize.add_argument("paths", nargs="+", type=Path, help="image files, folders, videos (mp4/avi)")
+    anonymize.add_argument("--out", type=Path, required=True, help="folder for outputs, frames.jsonl, summary.json")
+    anonymize.add_argument("--max-video-frames", type=int, help="stop each video after N frames")
+    anonymize.add_argument("--no-progress", action="store_true")
     return parser
 
 
+def _anonymize(args: argparse.Namespace, config: VeilstreamConfig) -> int:
+    from veilstream.anonymization import Anonymizer
+    from veilstream.factory import build_pipeline
+
+    report = Anonymizer(build_pipeline(config), config, args.out, progress=not args.no_progress).run(
+        args.paths, args.max_video_frames
+    )
+    print(
+        f"{'input':<28} {'frames':>6} {'faces':>6} {'plates':>6} {'residual':>8} {'naive chg':>9} {'final chg':>9} "
+        f"{'budget':>6} {'fps':>6}"
+    )
+    for row in report["inputs"]:
+        residual = row["residual_faces"] + row["residual_plates"]
+        print(
+            f"{Path(row['source']).name[:28]:<28} {row['frames']:>6} {row['faces']:>6} {row['plates']:>6} {residual:>8} "
+            f"{row['naive_changed']:>9} {row['corrected_changed']:>9} {row['budget_exhausted']:>6} {row['fps']:>6.2f}"
+        )
+        for error in row["errors"]:
+            print(f"  error: {error['reason']}: {error['detail']}", file=sys.stderr)
+    print(f"outputs and summary.json in {args.out}")
+    return 0 if report["totals"]["frames"] > 0 else 1
+
+
 def _eval(args: argparse.Namespace, config: VeilstreamConfig) -> int:
-    from veilstream.correction.anonymizers import GaussianBlur
-    from veilstream.correction.corrector import AdaptiveCorrector
-    from veilstream.correction.loading import build_anonymizer, build_ensemble, correction_settings
     from veilstream.evaluation import EvalRun, format_table, run_eval
-    from veilstream.pipeline import Pipeline, RegionFinder, SalientRegionFinder
+    from veilstream.factory import build_pipeline
 
-    device = resolve_device(config.device)
-    ensemble = build_ensemble(config.classifiers, device)
-    settings = correction_settings(config.correction, config.publish)
-    anonymizer = GaussianBlur(kernel=9, sigma=10) if args.paper_blur else build_anonymizer(config.anonymizer)
-    finder: RegionFinder
-    padding = 0.0
-    if args.region == "salient":
-        finder = SalientRegionFinder(ensemble.members[0], args.size)
-    else:
-        from veilstream.detectors.config import build_region_finder
-
-        finder = build_region_finder(config.detectors, device)
-        padding = config.anonymizer.padding
-    pipeline = Pipeline(finder, anonymizer, AdaptiveCorrector(ensemble, settings, device), config.pipeline.on_failure, padding)
-    runs = [EvalRun(alpha, stop) for stop in (args.stop or [settings.stop]) for alpha in (args.alpha or [settings.alpha])]  # type: ignore[arg-type]
+    pipeline = build_pipeline(config, args.region, args.size, args.paper_blur)
+    settings = pipeline.corrector.settings
+    device = str(pipeline.device)
+    runs = [
+        EvalRun(alpha, stop) for stop in (args.stop or [settings.stop]) for alpha in (args.alpha or [settings.alpha])
+    ]  # type: ignore[arg-type]
     parameters = {
         "region": args.region,
         "size": args.size,
@@ -82,7 +98,9 @@ def _eval(args: argparse.Namespace, config: VeilstreamConfig) -> int:
         "video_step": args.video_step,
         "device": device,
     }
-    summary = run_eval(args.paths, pipeline, config, runs, args.report, args.video_step, parameters, not args.no_progress)
+    summary = run_eval(
+        args.paths, pipeline, config, runs, args.report, args.video_step, parameters, not args.no_progress
+    )
     print(format_table(summary["sweep"]))
     for error in summary["errors"]:
         print(f"error: {error['source']}: {error['reason']}: {error['detail']}", file=sys.stderr)
@@ -96,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config)
         if args.command == "eval":
             return _eval(args, config)
+        if args.command == "anonymize":
+            return _anonymize(args, config)
     except VeilstreamError as error:
         print(f"veilstream: {error}", file=sys.stderr)
         return 2

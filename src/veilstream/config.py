@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from veilstream.detectors.config import DetectorConfig
 from veilstream.errors import ConfigError
 
 ENV_PREFIX = "VEILSTREAM__"
@@ -60,7 +61,6 @@ class AnonymizerConfig(_Strict):
     blocks: int = Field(8, ge=1, description="pixelate: blocks across the region's shorter side")
     value: float = Field(128.0, ge=0, le=255, description="mask: fill value")
     shape: Literal["box", "ellipse"] = "box"
-    padding: float = Field(0.1, ge=0, le=1, description="regions grow by this fraction on each side")
 
 
 class CorrectionConfig(_Strict):
@@ -98,7 +98,10 @@ class VeilstreamConfig(_Strict):
     publish: PublishConfig = PublishConfig()
     decode: DecodeConfig = DecodeConfig()
     pipeline: PipelineConfig = PipelineConfig()
-    detectors: dict[str, Any] = Field(default_factory=dict, description="see veilstream.detectors.config")
+    detectors: DetectorConfig = DetectorConfig()
+    residual_check: bool = Field(
+        True, description="run the detectors again on the published frame and flag anonymized objects found again"
+    )
 
 
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:

@@ -97,7 +97,11 @@ def run_eval(
     bar = tqdm(desc="eval", unit="frame", disable=not progress)
     with (report / "frames.jsonl").open("w") as out:
         for batch in _batches(items, config.pipeline.batch_size):
-            errors.extend({"source": f.source, "reason": f.reason, "detail": f.detail} for f in batch if isinstance(f, InputFailure))
+            errors.extend(
+                {"source": f.source, "reason": f.reason, "detail": f.detail}
+                for f in batch
+                if isinstance(f, InputFailure)
+            )
             frames = [f for f in batch if isinstance(f, SourceFrame)]
             if not frames:
                 continue
@@ -108,7 +112,13 @@ def run_eval(
                     out.write(json.dumps(record) + "\n")
                     if outcome.error is not None:
                         if run == runs[0]:
-                            errors.append({"source": source.source, "reason": outcome.error.reason, "detail": outcome.error.detail})
+                            errors.append(
+                                {
+                                    "source": source.source,
+                                    "reason": outcome.error.reason,
+                                    "detail": outcome.error.detail,
+                                }
+                            )
                     else:
                         records[run].append(record)
             bar.update(len(frames))
@@ -125,7 +135,9 @@ def run_eval(
     return summary
 
 
-def _plots(report: Path, runs: Sequence[EvalRun], records: dict[EvalRun, list[dict[str, Any]]], sweep: list[dict[str, Any]]) -> None:
+def _plots(
+    report: Path, runs: Sequence[EvalRun], records: dict[EvalRun, list[dict[str, Any]]], sweep: list[dict[str, Any]]
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,12 +167,24 @@ def _plots(report: Path, runs: Sequence[EvalRun], records: dict[EvalRun, list[di
     plt.close(figure)
 
 
+_COLUMNS = (
+    ("alpha", "alpha", "g"),
+    ("stop", "stop", ""),
+    ("frames", "frames", ""),
+    ("naive chg", "naive_changed", ""),
+    ("final chg", "corrected_changed", ""),
+    ("budget", "budget_exhausted", ""),
+    ("mean it", "mean_iterations", ".2f"),
+    ("p95 it", "p95_iterations", ".1f"),
+    ("ms/frame", "mean_ms_per_frame", ".0f"),
+)
+
+
 def format_table(sweep: Sequence[dict[str, Any]]) -> str:
-    header = f"{'alpha':>7} {'stop':>9} {'frames':>6} {'naive chg':>9} {'final chg':>9} {'budget':>6} {'mean it':>7} {'p95 it':>6} {'ms/frame':>8}"
-    lines = [header]
-    for s in sweep:
-        lines.append(
-            f"{s['alpha']:>7g} {s['stop']:>9} {s['frames']:>6} {s['naive_changed']:>9} {s['corrected_changed']:>9} "
-            f"{s['budget_exhausted']:>6} {s['mean_iterations']:>7.2f} {s['p95_iterations']:>6.1f} {s['mean_ms_per_frame']:>8.0f}"
-        )
+    """The sweep as an aligned text table."""
+    widths = [max(len(title), 9) for title, _, _ in _COLUMNS]
+    lines = [" ".join(f"{title:>{w}}" for (title, _, _), w in zip(_COLUMNS, widths, strict=True))]
+    for row in sweep:
+        cells = [format(row[key], spec) if row[key] is not None else "-" for _, key, spec in _COLUMNS]
+        lines.append(" ".join(f"{cell:>{w}}" for cell, w in zip(cells, widths, strict=True)))
     return "\n".join(lines)

@@ -16,12 +16,13 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from veilstream.codec import Codec, Frame, encode_frame
+from veilstream.codec import Codec, Frame, decode_frame, encode_frame
 from veilstream.correction.anonymizers import Anonymizer
 from veilstream.correction.classifier import Classifier
 from veilstream.correction.corrector import AdaptiveCorrector, CorrectionResult
-from veilstream.correction.regions import Region, region_mask
+from veilstream.correction.regions import Region, RegionShape, region_mask
 from veilstream.correction.saliency import salient_window
+from veilstream.detectors.base import Detection, Detector
 from veilstream.errors import FrameError, StageError
 
 FailurePolicy = Literal["drop", "mask_frame"]
@@ -30,11 +31,18 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class FoundRegions:
-    """What to anonymize in one frame, and what was found (counts by kind)."""
+    """What to anonymize in one frame, and the detections behind it (none for simulated regions)."""
 
     regions: tuple[Region, ...]
-    faces: int = 0
-    plates: int = 0
+    detections: tuple[Detection, ...] = ()
+
+    @property
+    def faces(self) -> int:
+        return sum(1 for d in self.detections if d.kind == "face")
+
+    @property
+    def plates(self) -> int:
+        return sum(1 for d in self.detections if d.kind == "plate")
 
 
 class RegionFinder(Protocol):
@@ -51,6 +59,36 @@ class SalientRegionFinder:
     def find(self, frames: Sequence[Frame]) -> list[FoundRegions]:
         device = self.classifier.device
         return [FoundRegions((salient_window(self.classifier, _tensor(f, device), self.size),)) for f in frames]
+
+
+@dataclass(frozen=True)
+class DetectorRegionFinder:
+    """Faces and plates from a detector (already padded, clipped and merged by it)."""
+
+    detector: Detector
+    shape: RegionShape = "box"
+
+    def find(self, frames: Sequence[Frame]) -> list[FoundRegions]:
+        return [
+            FoundRegions(tuple(Region(d.x1, d.y1, d.x2, d.y2, self.shape) for d in found), tuple(found))
+            for found in self.detector.detect(frames)
+        ]
+
+
+def residual_detections(found: FoundRegions, again: Sequence[Detection], overlap: float = 0.3) -> list[Detection]:
+    """Detections on the published frame that fall on an anonymized object of the same kind: the
+    anonymization did not hold there. `overlap` is the share of the new box inside the old one."""
+    residual = []
+    for new in again:
+        for old in found.detections:
+            if old.kind != new.kind:
+                continue
+            iw = min(old.x2, new.x2) - max(old.x1, new.x1)
+            ih = min(old.y2, new.y2) - max(old.y1, new.y1)
+            if iw > 0 and ih > 0 and iw * ih >= overlap * new.area:
+                residual.append(new)
+                break
+    return residual
 
 
 @dataclass
@@ -73,6 +111,7 @@ class FrameOutcome:
     error: FrameError | None
     published: bytes | None
     timings_ms: dict[str, float]
+    residual: tuple[Detection, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -104,13 +143,13 @@ class Pipeline:
         anonymizer: Anonymizer,
         corrector: AdaptiveCorrector,
         on_failure: FailurePolicy = "drop",
-        region_padding: float = 0.0,
+        residual_detector: Detector | None = None,
     ) -> None:
         self.finder = finder
         self.anonymizer = anonymizer
         self.corrector = corrector
         self.on_failure = on_failure
-        self.region_padding = region_padding
+        self.residual_detector = residual_detector
         self.device = corrector.device
 
     def prepare(self, frames: Sequence[Frame]) -> Prepared:
@@ -148,7 +187,7 @@ class Pipeline:
         )
 
     def _anonymize(self, frame: Frame, found: FoundRegions) -> tuple[Frame, npt.NDArray[np.bool_]]:
-        regions = [r.padded(self.region_padding) for r in found.regions]
+        regions = list(found.regions)
         tensor = _tensor(frame, self.device)
         hidden = self.anonymizer.anonymize(tensor, regions) if regions else tensor
         mask = region_mask(regions, frame.shape[0], frame.shape[1], self.device)
@@ -172,12 +211,13 @@ class Pipeline:
 
         corrected = dict(zip(ready, _per_frame(ready, run, "correct"), strict=True)) if ready else {}
         correct_ms = (time.perf_counter() - start) * 1000 / max(1, len(prepared.originals))
+        residuals = self._residuals(prepared, corrected)
         outcomes: list[FrameOutcome] = []
         for i, found in enumerate(prepared.found):
-            timings = {**prepared.timings_ms, "correct": correct_ms}
+            timings = {**prepared.timings_ms, "correct": correct_ms, **residuals[1]}
             result = corrected.get(i)
             if isinstance(result, CorrectionResult) and isinstance(found, FoundRegions):
-                outcomes.append(FrameOutcome(found, result, None, result.published, timings))
+                outcomes.append(FrameOutcome(found, result, None, result.published, timings, residuals[0].get(i, ())))
                 continue
             error = found if isinstance(found, FrameError) else result
             if not isinstance(error, FrameError):
@@ -192,6 +232,26 @@ class Pipeline:
                 )
             )
         return outcomes
+
+    def _residuals(
+        self, prepared: Prepared, corrected: dict[int, object]
+    ) -> tuple[dict[int, tuple[Detection, ...]], dict[str, float]]:
+        """Detect again on the published pixels; keep what lands on an anonymized object."""
+        if self.residual_detector is None:
+            return {}, {}
+        start = time.perf_counter()
+        checked = [
+            (i, r) for i, r in corrected.items() if isinstance(r, CorrectionResult) and prepared.found[i] is not None
+        ]
+        frames = [decode_frame(r.published) for _, r in checked]
+        found_again = self.residual_detector.detect(frames) if frames else []
+        residual: dict[int, tuple[Detection, ...]] = {}
+        for (i, _), again in zip(checked, found_again, strict=True):
+            found = prepared.found[i]
+            if isinstance(found, FoundRegions):
+                residual[i] = tuple(residual_detections(found, again))
+        elapsed = (time.perf_counter() - start) * 1000 / max(1, len(prepared.originals))
+        return residual, {"residual_check": elapsed}
 
     def _fallback(self, frame: Frame, codec: Codec, quality: int) -> bytes | None:
         if self.on_failure == "drop":

