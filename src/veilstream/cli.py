@@ -49,7 +49,43 @@ def _parser() -> argparse.ArgumentParser:
     anonymize.add_argument("--out", type=Path, required=True, help="folder for outputs, frames.jsonl, summary.json")
     anonymize.add_argument("--max-video-frames", type=int, help="stop each video after N frames")
     anonymize.add_argument("--no-progress", action="store_true")
+    worker = commands.add_parser("worker", help="run the Kafka worker until SIGTERM/SIGINT")
+    worker.add_argument("--bootstrap", help="Kafka bootstrap servers, HOST:PORT[,HOST:PORT]")
+    worker.add_argument("--input-topic", action="append", help="input topic (repeatable)")
+    worker.add_argument("--output-topic")
+    worker.add_argument("--metrics-topic")
+    worker.add_argument("--dlq-topic")
+    worker.add_argument("--group", help="consumer group id")
+    worker.add_argument("--http-port", type=int)
+    worker.add_argument("--log-level", default="INFO")
     return parser
+
+
+def with_worker_overrides(config: VeilstreamConfig, args: argparse.Namespace) -> VeilstreamConfig:
+    """Command-line flags win over the file and the environment; the result is validated again."""
+    kafka = {"bootstrap_servers": args.bootstrap} if args.bootstrap else {}
+    flags = {
+        "input_topics": tuple(args.input_topic) if args.input_topic else None,
+        "output_topic": args.output_topic,
+        "metrics_topic": args.metrics_topic,
+        "dlq_topic": args.dlq_topic,
+        "group_id": args.group,
+        "http_port": args.http_port,
+    }
+    worker = {k: v for k, v in flags.items() if v is not None}
+    data = config.model_dump()
+    data["kafka"] |= kafka
+    data["worker"] |= worker
+    return VeilstreamConfig.model_validate(data)
+
+
+def _worker(args: argparse.Namespace, config: VeilstreamConfig) -> int:
+    from veilstream.factory import build_pipeline
+    from veilstream.worker.logs import configure_logging
+    from veilstream.worker.loop import run_worker
+
+    configure_logging(args.log_level)
+    return run_worker(with_worker_overrides(config, args), build_pipeline)
 
 
 def _anonymize(args: argparse.Namespace, config: VeilstreamConfig) -> int:
@@ -116,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _eval(args, config)
         if args.command == "anonymize":
             return _anonymize(args, config)
+        if args.command == "worker":
+            return _worker(args, config)
     except VeilstreamError as error:
         print(f"veilstream: {error}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from veilstream.detectors.config import DetectorConfig
 from veilstream.errors import ConfigError
+from veilstream.worker.settings import KafkaConfig, WorkerConfig
 
 ENV_PREFIX = "VEILSTREAM__"
 
@@ -99,6 +100,8 @@ class VeilstreamConfig(_Strict):
     decode: DecodeConfig = DecodeConfig()
     pipeline: PipelineConfig = PipelineConfig()
     detectors: DetectorConfig = DetectorConfig()
+    kafka: KafkaConfig = KafkaConfig()
+    worker: WorkerConfig = WorkerConfig()
     residual_check: bool = Field(
         True, description="run the detectors again on the published frame and flag anonymized objects found again"
     )
@@ -135,6 +138,18 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     except ValidationError as error:
         where = f" in {path}" if path else ""
         raise ConfigError(f"invalid configuration{where}:\n{error}") from error
+
+
+def check_budgets(config: VeilstreamConfig) -> None:
+    """A batch must finish well inside max.poll.interval.ms, or the group evicts the worker mid-batch."""
+    budget = config.correction.time_budget_ms
+    if budget is None:
+        raise ConfigError("the worker needs correction.time_budget_ms (a bound per batch)")
+    if budget * 3 > config.worker.max_poll_interval_ms:
+        raise ConfigError(
+            f"correction.time_budget_ms ({budget}) must be under a third of worker.max_poll_interval_ms "
+            f"({config.worker.max_poll_interval_ms}): detection and delivery need the rest"
+        )
 
 
 def resolve_device(device: str) -> str:

@@ -1,0 +1,240 @@
+"""The Kafka worker end to end on a real Apache Kafka broker, run as a real subprocess."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Producer as ConfluentProducer
+from kafka import KafkaConsumer, TopicPartition
+from PIL import Image
+
+from veilstream.testing.brokers import ApacheKafkaBroker, TopicFactory
+
+from .worker_harness import (
+    MAX_BYTES,
+    Topics,
+    WorkerProcess,
+    consume_all,
+    frame_message,
+    headers_of,
+    produce,
+    running_worker,
+    vtest_jpegs,
+    write_config,
+)
+
+TOPIC_CONFIG = {"max.message.bytes": str(MAX_BYTES)}
+
+
+@pytest.fixture
+def topics(topic_factory: TopicFactory) -> Topics:
+    return Topics(
+        input=topic_factory("in", partitions=2, config=TOPIC_CONFIG),
+        output=topic_factory("out", partitions=2, config=TOPIC_CONFIG),
+        metrics=topic_factory("metrics"),
+        dlq=topic_factory("dlq", config=TOPIC_CONFIG),
+    )
+
+
+@pytest.fixture(scope="module")
+def jpegs(media: Path) -> list[bytes]:
+    return vtest_jpegs(media, 24)
+
+
+def _sources(records: list[object]) -> set[tuple[int, int]]:
+    return {(int(h["source-partition"]), int(h["source-offset"])) for h in (headers_of(r) for r in records)}
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent-kafka"])
+def test_frames_flow_through_the_worker(
+    client: str, kafka_bootstrap: str, topics: Topics, jpegs: list[bytes], tmp_path: Path
+) -> None:
+    messages = [frame_message(f"cam-{i % 2}", i // 2, data) for i, data in enumerate(jpegs[:10])]
+    if client == "kafka-python":
+        produce(kafka_bootstrap, topics.input, messages)
+    else:
+        producer = ConfluentProducer({"bootstrap.servers": kafka_bootstrap, "message.max.bytes": MAX_BYTES})
+        for key, value, headers in messages:
+            producer.produce(topics.input, key=key, value=value, headers=headers)
+        assert producer.flush(30) == 0
+    config, port = write_config(tmp_path, kafka_bootstrap, topics)
+    with running_worker(config, port, tmp_path / "worker.log") as worker:
+        outputs = consume_all(kafka_bootstrap, topics.output, 10)
+        metrics = consume_all(kafka_bootstrap, topics.metrics, 10)
+        assert worker.get("/healthz")[0] == 200
+        status, exposition = worker.get("/metrics")
+        assert status == 200
+        assert "veilstream_frames_in_total" in exposition
+        assert "veilstream_stage_seconds_bucket" in exposition
+    assert len(outputs) == 10, worker.tail()
+    per_camera: dict[str, list[int]] = {}
+    for record in outputs:
+        headers = headers_of(record)
+        assert record.key == headers["camera-id"].encode()
+        assert record.value[:3] == b"\xff\xd8\xff"
+        assert headers["veilstream-schema"] == "1"
+        assert headers["source-topic"] == topics.input
+        assert {"original-decision", "final-decision", "consistent", "iterations", "faces", "plates"} <= set(headers)
+        per_camera.setdefault(headers["camera-id"], []).append(int(headers["sequence"]))
+    assert all(sequence == sorted(sequence) for sequence in per_camera.values()), per_camera
+    assert sorted(len(v) for v in per_camera.values()) == [5, 5]
+    frame_records = [json.loads(r.value) for r in metrics if json.loads(r.value)["type"] == "frame"]
+    assert len(frame_records) >= 10
+    assert {r["camera_id"] for r in frame_records} == {"cam-0", "cam-1"}
+    assert consume_all(kafka_bootstrap, topics.dlq, 1, timeout=3) == []
+
+
+def _bomb() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 120, 30)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_bad_inputs_are_dead_lettered_and_the_worker_goes_on(
+    kafka_bootstrap: str, topics: Topics, jpegs: list[bytes], tmp_path: Path
+) -> None:
+    good = jpegs[0]
+    bad: dict[str, tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]] = {
+        "empty": (b"cam", b"", [("camera-id", b"cam")]),
+        "truncated": (b"cam", good[: len(good) // 2], [("camera-id", b"cam")]),
+        "random": (b"cam", bytes(range(256)) * 40, [("camera-id", b"cam")]),
+        "tiny": (b"cam", _png(1, 1), [("camera-id", b"cam")]),
+        "bomb": (b"cam", _bomb(), [("camera-id", b"cam")]),
+        "wrong_type": (b"cam", good, [("camera-id", b"cam"), ("content-type", b"text/plain")]),
+        "mismatch": (b"cam", good, [("camera-id", b"cam"), ("content-type", b"image/png")]),
+        "no_camera": (None, good, []),
+        "oversized": (b"cam", b"\xff\xd8\xff" + b"\x00" * (17 * 1024 * 1024), [("camera-id", b"cam")]),
+    }
+    expected_reasons = {
+        "empty": {"empty"},
+        "truncated": {"truncated", "corrupt_data", "corrupt_header"},
+        "random": {"unknown_format"},
+        "tiny": {"too_small"},
+        "bomb": {"too_large", "decompression_bomb"},
+        "wrong_type": {"bad_header"},
+        "mismatch": {"content_type_mismatch"},
+        "no_camera": {"missing_header"},
+        "oversized": {"too_large"},
+    }
+    messages = [frame_message("cam", 0, good)]
+    for key, value, headers in bad.values():
+        messages.append((key, value, [*headers, ("test-case", b"x")]))
+    messages.append(frame_message("cam", 1, jpegs[1]))
+    # One partition keeps the order, so "the worker goes on" is visible: the last good frame comes out.
+    single = Topics(topics.input + "-single", topics.output, topics.metrics, topics.dlq)
+    from veilstream.testing.brokers import create_topics
+
+    create_topics(kafka_bootstrap, [single.input], partitions=1, config=TOPIC_CONFIG)
+    labelled = (
+        [messages[0]]
+        + [
+            (key, value, [*headers[:-1], ("test-case", name.encode())])
+            for name, (key, value, headers) in zip(bad, messages[1:-1], strict=True)
+        ]
+        + [messages[-1]]
+    )
+    produce(kafka_bootstrap, single.input, labelled)
+    config, port = write_config(tmp_path, kafka_bootstrap, single)
+    with running_worker(config, port, tmp_path / "worker.log") as worker:
+        dead = consume_all(kafka_bootstrap, single.dlq, len(bad))
+        outputs = consume_all(kafka_bootstrap, single.output, 2)
+        assert worker.process.poll() is None, "the worker must keep running"
+    reasons = {headers_of(r)["original-test-case"]: headers_of(r)["dlq-reason"] for r in dead}
+    assert set(reasons) == set(bad), worker.tail()
+    for name, reason in reasons.items():
+        assert reason in expected_reasons[name], (name, reason)
+    for record in dead:
+        headers = headers_of(record)
+        case = headers["original-test-case"]
+        original = bad[case][1] or b""
+        assert record.value == original, f"{case}: the dead letter must carry the original bytes"
+        assert headers["source-topic"] == single.input
+    assert len(outputs) == 2
+    assert _sources(outputs) == {(0, 0), (0, len(labelled) - 1)}, "only the two good frames are published"
+
+
+def _committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return {p: consumer.committed(TopicPartition(topic, p)) or 0 for p in range(partitions)}
+    finally:
+        consumer.close()
+
+
+def test_kill_9_mid_stream_then_restart_loses_nothing(
+    kafka_bootstrap: str, topics: Topics, jpegs: list[bytes], tmp_path: Path
+) -> None:
+    produce(kafka_bootstrap, topics.input, [frame_message(f"cam-{i % 2}", i // 2, d) for i, d in enumerate(jpegs)])
+    config, port = write_config(tmp_path, kafka_bootstrap, topics)
+    worker = WorkerProcess(config, port, tmp_path / "worker.log")
+    try:
+        worker.wait_ready()
+        deadline = time.monotonic() + 120
+        while len(consume_all(kafka_bootstrap, topics.output, 6, timeout=2)) < 6 and time.monotonic() < deadline:
+            pass
+        worker.signal(signal.SIGKILL)
+        worker.wait(10)
+    finally:
+        worker.kill()
+    published_before = len(consume_all(kafka_bootstrap, topics.output, len(jpegs), timeout=3))
+    assert 0 < published_before < len(jpegs), "the kill should land mid-stream"
+    with running_worker(config, port, tmp_path / "worker2.log"):
+        outputs = consume_all(kafka_bootstrap, topics.output, len(jpegs) + 8, timeout=90)
+    sources = _sources(outputs)
+    assert len(sources) == len(jpegs), f"every input frame must be published; got {len(sources)} of {len(jpegs)}"
+    assert len(outputs) - len(sources) <= 4, "duplicates are bounded by one batch (batch_size 4)"
+
+
+def test_sigterm_mid_batch_commits_cleanly(
+    kafka_bootstrap: str, topics: Topics, jpegs: list[bytes], tmp_path: Path
+) -> None:
+    produce(kafka_bootstrap, topics.input, [frame_message(f"cam-{i % 2}", i // 2, d) for i, d in enumerate(jpegs)])
+    config, port = write_config(tmp_path, kafka_bootstrap, topics)
+    worker = WorkerProcess(config, port, tmp_path / "worker.log")
+    try:
+        worker.wait_ready()
+        while len(consume_all(kafka_bootstrap, topics.output, 4, timeout=2)) < 4:
+            assert worker.process.poll() is None
+        started = time.monotonic()
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(30) == 0, worker.tail()
+        assert time.monotonic() - started < 25, "shutdown must stay within its bound"
+    finally:
+        worker.kill()
+    outputs = consume_all(kafka_bootstrap, topics.output, len(jpegs), timeout=3)
+    committed = _committed(kafka_bootstrap, f"veilstream-{topics.input}", topics.input, 2)
+    published: dict[int, set[int]] = {0: set(), 1: set()}
+    for partition, offset in _sources(outputs):
+        published[partition].add(offset)
+    for partition in (0, 1):
+        # Committed exactly up to what was published: nothing published is left uncommitted, nothing skipped.
+        expected = max(published[partition]) + 1 if published[partition] else 0
+        assert committed[partition] == expected, (partition, committed, published)
+        assert published[partition] == set(range(expected))
+    assert "worker_stopped" in worker.log.read_text()
+
+
+def test_broker_restart_while_the_worker_runs(
+    kafka_broker: ApacheKafkaBroker, kafka_bootstrap: str, topics: Topics, jpegs: list[bytes], tmp_path: Path
+) -> None:
+    first, second = jpegs[:6], jpegs[6:12]
+    produce(kafka_bootstrap, topics.input, [frame_message("cam", i, d) for i, d in enumerate(first)])
+    config, port = write_config(tmp_path, kafka_bootstrap, topics)
+    with running_worker(config, port, tmp_path / "worker.log") as worker:
+        assert len(consume_all(kafka_bootstrap, topics.output, 6)) == 6
+        kafka_broker.restart()
+        produce(kafka_bootstrap, topics.input, [frame_message("cam", 6 + i, d) for i, d in enumerate(second)])
+        outputs = consume_all(kafka_bootstrap, topics.output, 12, timeout=120)
+        assert worker.process.poll() is None, worker.tail()
+    assert len(_sources(outputs)) == 12, worker.tail()
