@@ -11,13 +11,16 @@ export YOLO_AUTOINSTALL := 0
 export YOLO_CONFIG_DIR := $(CACHE)/ultralytics
 export MPLBACKEND := Agg
 
-.PHONY: setup media lint test test-fast demo bench eval clean
+.PHONY: setup media kafka-jars lint test test-fast demo bench eval clean
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	PYTHON=$(PYTHON) bash scripts/setup.sh
 	touch $@
 
-setup: $(VENV)/.installed media
+setup: $(VENV)/.installed media kafka-jars
+
+kafka-jars: $(VENV)/.installed
+	$(PY) -m veilstream.testing.brokers fetch
 
 media: $(VENV)/.installed
 	PYTHON=$(PY) bash scripts/fetch-media.sh

@@ -70,8 +70,9 @@ def tiny_classifier(name: str = "tiny", seed: int = 0, classes: int = 10) -> Cla
 def noise_frames(count: int, height: int = 64, width: int = 96, seed: int = 0) -> list[Frame]:
     """Smooth random images (JPEG-friendly, unlike white noise)."""
     rng = np.random.default_rng(seed)
-    frames = []
+    frames: list[Frame] = []
     for _ in range(count):
         small = rng.integers(0, 256, size=(height // 8, width // 8, 3), dtype=np.uint8)
-        frames.append(np.ascontiguousarray(cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)))
+        smooth = cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
+        frames.append(np.ascontiguousarray(smooth, dtype=np.uint8))
     return frames

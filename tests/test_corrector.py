@@ -90,7 +90,9 @@ def test_iteration_budget_is_respected_and_reported() -> None:
 def test_time_budget_stops_a_batch() -> None:
     ensemble = Ensemble([tiny_classifier()])
     case = _flipped(ensemble, masked_case())
-    unbounded = AdaptiveCorrector(ensemble, CorrectionSettings(alpha=0.0005, max_iterations=10_000, time_budget_ms=None))
+    unbounded = AdaptiveCorrector(
+        ensemble, CorrectionSettings(alpha=0.0005, max_iterations=10_000, time_budget_ms=None)
+    )
     bounded = AdaptiveCorrector(ensemble, CorrectionSettings(alpha=0.0005, max_iterations=10_000, time_budget_ms=60))
     slow = unbounded.correct(*case)
     assert max(r.iterations for r in slow) > 50, "the slow setting must need many steps"
@@ -165,7 +167,7 @@ def test_published_check_catches_what_the_float_check_misses(lite0: Classifier, 
     tensor = _tensor(original)
     region = salient_window(lite0, tensor, 50)
     anonymized = _frame(GaussianBlur().anonymize(tensor, [region]))
-    mask = region_mask([region], *original.shape[:2], torch.device("cpu")).numpy()
+    mask = region_mask([region], original.shape[0], original.shape[1], torch.device("cpu")).numpy()
     ensemble = Ensemble([lite0])
     float_stop = AdaptiveCorrector(ensemble, CorrectionSettings(stop="float", time_budget_ms=None))
     published_stop = AdaptiveCorrector(ensemble, CorrectionSettings(stop="published", time_budget_ms=None))

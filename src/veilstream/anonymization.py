@@ -161,7 +161,7 @@ class Anonymizer:
     def _video(self, path: Path, summary: InputSummary, log: Any, bar: Any, limit: int | None) -> None:
         info = video_info(path)
         target = self.out / (path.stem + ".mp4")
-        writer = cv2.VideoWriter(str(target), cv2.VideoWriter_fourcc(*"mp4v"), info.fps, (info.width, info.height))
+        writer = cv2.VideoWriter(str(target), cv2.VideoWriter.fourcc(*"mp4v"), info.fps, (info.width, info.height))
         if not writer.isOpened():
             raise FrameError("unwritable_video", f"cannot open {target} for writing")
         try:

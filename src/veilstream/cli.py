@@ -101,8 +101,9 @@ def _anonymize(args: argparse.Namespace, config: VeilstreamConfig) -> int:
     )
     for row in report["inputs"]:
         residual = row["residual_faces"] + row["residual_plates"]
+        name = Path(row["source"]).name[:28]
         print(
-            f"{Path(row['source']).name[:28]:<28} {row['frames']:>6} {row['faces']:>6} {row['plates']:>6} {residual:>8} "
+            f"{name:<28} {row['frames']:>6} {row['faces']:>6} {row['plates']:>6} {residual:>8} "
             f"{row['naive_changed']:>9} {row['corrected_changed']:>9} {row['budget_exhausted']:>6} {row['fps']:>6.2f}"
         )
         for error in row["errors"]:

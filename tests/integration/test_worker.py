@@ -60,7 +60,7 @@ def test_frames_flow_through_the_worker(
     else:
         producer = ConfluentProducer({"bootstrap.servers": kafka_bootstrap, "message.max.bytes": MAX_BYTES})
         for key, value, headers in messages:
-            producer.produce(topics.input, key=key, value=value, headers=headers)
+            producer.produce(topics.input, key=key, value=value, headers=list(headers))  # type: ignore[arg-type]
         assert producer.flush(30) == 0
     config, port = write_config(tmp_path, kafka_bootstrap, topics)
     with running_worker(config, port, tmp_path / "worker.log") as worker:
@@ -74,13 +74,13 @@ def test_frames_flow_through_the_worker(
     assert len(outputs) == 10, worker.tail()
     per_camera: dict[str, list[int]] = {}
     for record in outputs:
-        headers = headers_of(record)
-        assert record.key == headers["camera-id"].encode()
+        meta = headers_of(record)
+        assert record.key == meta["camera-id"].encode()
         assert record.value[:3] == b"\xff\xd8\xff"
-        assert headers["veilstream-schema"] == "1"
-        assert headers["source-topic"] == topics.input
-        assert {"original-decision", "final-decision", "consistent", "iterations", "faces", "plates"} <= set(headers)
-        per_camera.setdefault(headers["camera-id"], []).append(int(headers["sequence"]))
+        assert meta["veilstream-schema"] == "1"
+        assert meta["source-topic"] == topics.input
+        assert {"original-decision", "final-decision", "consistent", "iterations", "faces", "plates"} <= set(meta)
+        per_camera.setdefault(meta["camera-id"], []).append(int(meta["sequence"]))
     assert all(sequence == sorted(sequence) for sequence in per_camera.values()), per_camera
     assert sorted(len(v) for v in per_camera.values()) == [5, 5]
     frame_records = [json.loads(r.value) for r in metrics if json.loads(r.value)["type"] == "frame"]
@@ -127,7 +127,7 @@ def test_bad_inputs_are_dead_lettered_and_the_worker_goes_on(
         "no_camera": {"missing_header"},
         "oversized": {"too_large"},
     }
-    messages = [frame_message("cam", 0, good)]
+    messages: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]] = [frame_message("cam", 0, good)]
     for key, value, headers in bad.values():
         messages.append((key, value, [*headers, ("test-case", b"x")]))
     messages.append(frame_message("cam", 1, jpegs[1]))
@@ -155,11 +155,11 @@ def test_bad_inputs_are_dead_lettered_and_the_worker_goes_on(
     for name, reason in reasons.items():
         assert reason in expected_reasons[name], (name, reason)
     for record in dead:
-        headers = headers_of(record)
-        case = headers["original-test-case"]
+        meta = headers_of(record)
+        case = meta["original-test-case"]
         original = bad[case][1] or b""
         assert record.value == original, f"{case}: the dead letter must carry the original bytes"
-        assert headers["source-topic"] == single.input
+        assert meta["source-topic"] == single.input
     assert len(outputs) == 2
     assert _sources(outputs) == {(0, 0), (0, len(labelled) - 1)}, "only the two good frames are published"
 

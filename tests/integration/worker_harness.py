@@ -9,7 +9,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,8 +184,6 @@ def running_worker(config: Path, port: int, log: Path) -> Iterator[WorkerProcess
     finally:
         if worker.process.poll() is None:
             worker.signal(signal.SIGTERM)
-            try:
+            with suppress(subprocess.TimeoutExpired):
                 worker.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
         worker.kill()
