@@ -31,7 +31,7 @@ def test_default_blur_scales_with_the_region() -> None:
     blur = GaussianBlur()
     small_sigma, _ = blur.parameters_for(Region(0, 0, 20, 20))
     large_sigma, large_kernel = blur.parameters_for(Region(0, 0, 400, 300))
-    assert large_sigma == pytest.approx(60.0)
+    assert large_sigma == pytest.approx(150.0)
     assert large_sigma > small_sigma
     assert large_kernel >= 6 * large_sigma
 
@@ -71,3 +71,17 @@ def test_invalid_regions_are_refused() -> None:
 def test_padding_grows_each_side() -> None:
     padded = Region(10, 10, 30, 20).padded(0.5)
     assert (padded.x1, padded.y1, padded.x2, padded.y2) == (0, 5, 40, 25)
+
+
+def test_wide_blur_matches_a_direct_gaussian() -> None:
+    """The shrink-blur-enlarge path stays close to the exact (slow) wide Gaussian."""
+    from veilstream.correction.anonymizers import separable_gaussian
+
+    frame = _frame()
+    region = Region(0, 0, 160, 120)
+    blur = GaussianBlur(relative_sigma=0.1)
+    sigma, size = blur.parameters_for(region)
+    assert sigma > 8
+    fast = blur.anonymize(frame, [region])
+    exact = separable_gaussian(frame, sigma, size)
+    assert (fast - exact).abs().mean() < 3.0

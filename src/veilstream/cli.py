@@ -58,7 +58,49 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--group", help="consumer group id")
     worker.add_argument("--http-port", type=int)
     worker.add_argument("--log-level", default="INFO")
+    replay = commands.add_parser("replay", help="publish recorded frames (videos, folders, manifests) to a topic")
+    replay.add_argument("sources", nargs="+", type=Path, help="videos, image folders, CSV/JSONL manifests")
+    replay.add_argument("--topic", required=True)
+    replay.add_argument("--bootstrap", help="Kafka bootstrap servers (default: kafka.bootstrap_servers)")
+    replay.add_argument("--camera", action="append", help="camera id per source, in order (default: file stem)")
+    replay.add_argument("--rate", default="recorded", help="'recorded' (timestamps / fps), 'max', or frames/s")
+    replay.add_argument("--folder-fps", type=float, default=10.0, help="frame rate of image folders")
+    replay.add_argument("--loop", action="store_true", help="start again at the end (until interrupted)")
+    replay.add_argument("--start-at", type=int, help="skip the first N messages (resume)")
+    replay.add_argument("--limit", type=int, help="stop after N messages")
+    replay.add_argument("--state", type=Path, help="file keeping the position, to resume after an interruption")
+    replay.add_argument("--no-progress", action="store_true")
+    demo = commands.add_parser("demo", help="embedded broker + worker + replay of vtest.avi, results in --out")
+    demo.add_argument("--out", type=Path, default=Path("out"))
+    demo.add_argument("--video", type=Path, help="default: vtest.avi in the sample media cache")
+    demo.add_argument("--frames", type=int, default=150, help="frames to replay")
     return parser
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import os
+
+    from veilstream.demo import format_summary, run_demo
+
+    media = Path(os.environ.get("VEILSTREAM_MEDIA", Path.home() / ".cache" / "veilstream" / "media"))
+    video = args.video or media / "vtest.avi"
+    if not video.is_file():
+        print(f"veilstream: {video} not found (run `make media`)", file=sys.stderr)
+        return 2
+    try:
+        summary = run_demo(video, args.out, args.frames)
+    except KeyboardInterrupt:
+        print("interrupted: broker and worker stopped", file=sys.stderr)
+        return 130
+    print(format_summary(summary))
+    print(f"outputs in {args.out}/: anonymized.mp4, contact_sheet.png, metrics.png, summary.json, metrics.jsonl")
+    return 0 if summary["frames_published"] > 0 else 1
+
+
+def _replay(args: argparse.Namespace, config: VeilstreamConfig) -> int:
+    from veilstream.replay_cli import run_replay
+
+    return run_replay(args, config)
 
 
 def with_worker_overrides(config: VeilstreamConfig, args: argparse.Namespace) -> VeilstreamConfig:
@@ -155,6 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _anonymize(args, config)
         if args.command == "worker":
             return _worker(args, config)
+        if args.command == "replay":
+            return _replay(args, config)
+        if args.command == "demo":
+            return _demo(args)
     except VeilstreamError as error:
         print(f"veilstream: {error}", file=sys.stderr)
         return 2

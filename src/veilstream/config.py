@@ -58,7 +58,7 @@ class AnonymizerConfig(_Strict):
     kind: Literal["blur", "pixelate", "mask"] = "blur"
     kernel: int | None = Field(None, description="blur: fixed odd kernel size (paper: 9); default scales")
     sigma: float | None = Field(None, gt=0, description="blur: fixed sigma (paper: 10); default scales")
-    relative_sigma: float = Field(0.2, gt=0, description="blur: sigma as a fraction of the region's shorter side")
+    relative_sigma: float = Field(0.5, gt=0, description="blur: sigma as a fraction of the region's shorter side")
     blocks: int = Field(8, ge=1, description="pixelate: blocks across the region's shorter side")
     value: float = Field(128.0, ge=0, le=255, description="mask: fill value")
     shape: Literal["box", "ellipse"] = "box"

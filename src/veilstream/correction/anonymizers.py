@@ -72,6 +72,9 @@ def separable_gaussian(image: torch.Tensor, sigma: float, size: int) -> torch.Te
     return x.squeeze(0)
 
 
+_DIRECT_SIGMA = 4.0
+
+
 @dataclass(frozen=True)
 class GaussianBlur:
     """Gaussian blur. Fixed `kernel`/`sigma` (the paper: 9 and 10) or, by default, sigma scaled to the region.
@@ -82,7 +85,7 @@ class GaussianBlur:
 
     kernel: int | None = None
     sigma: float | None = None
-    relative_sigma: float = 0.2
+    relative_sigma: float = 0.5
     min_sigma: float = 3.0
 
     def __post_init__(self) -> None:

@@ -10,7 +10,9 @@ import numpy as np
 
 from veilstream.detectors.base import KINDS, Detection, Detector, Frame, Kind, check_frames
 
-DEFAULT_PADDING: Mapping[Kind, float] = {"face": 0.15, "plate": 0.1}
+# Faces get half their size on each side: hair and ears identify too, and at 0.15 CenterFace still found
+# 5 of 43 blurred heads again on 40 vtest.avi frames (0 at 0.5 with the default blur).
+DEFAULT_PADDING: Mapping[Kind, float] = {"face": 0.5, "plate": 0.1}
 
 
 def merge_overlapping(detections: Iterable[Detection], iou_threshold: float) -> list[Detection]:
