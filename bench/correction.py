@@ -16,7 +16,13 @@ import torch
 
 from veilstream.codec import publish_roundtrip
 from veilstream.correction.anonymizers import GaussianBlur
-from veilstream.correction.classifier import Classifier, Ensemble, Preprocessing, imagenet_labels, load_efficientnet_lite0
+from veilstream.correction.classifier import (
+    Classifier,
+    Ensemble,
+    Preprocessing,
+    imagenet_labels,
+    load_efficientnet_lite0,
+)
 from veilstream.correction.regions import Region, region_mask
 
 RESULTS = Path(__file__).parent / "results"
@@ -76,7 +82,9 @@ def main() -> None:
     print(f"{'frame':>10} {'classify ms':>12} {'blur ms':>9} {'1 iteration ms':>15} {'iteration/classify':>19}")
     for name, row in rows.items():
         ratio = row["iteration_ms"] / row["classify_ms"]
-        print(f"{name:>10} {row['classify_ms']:>12.1f} {row['blur_ms']:>9.1f} {row['iteration_ms']:>15.1f} {ratio:>19.2f}")
+        print(
+            f"{name:>10} {row['classify_ms']:>12.1f} {row['blur_ms']:>9.1f} {row['iteration_ms']:>15.1f} {ratio:>19.2f}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(

@@ -15,3 +15,4 @@ if [ ! -f "$font_dir/Arial.ttf" ]; then
   cp "$(.venv/bin/python -c 'import matplotlib, pathlib; print(pathlib.Path(matplotlib.get_data_path()) / "fonts/ttf/DejaVuSans.ttf")')" \
     "$font_dir/Arial.ttf"
 fi
+.venv/bin/pip install -q --no-deps scipy==1.17.1 scikit-image==0.26.0 lazy-loader==0.6 imageio==2.38.1 imageio-ffmpeg==0.8.1 onnx==1.23.2 ml-dtypes==0.6.0

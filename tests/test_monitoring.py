@@ -410,7 +410,7 @@ def test_render_text() -> None:
 
 def test_render_rich() -> None:
     pytest.importorskip("rich")
-    from rich.console import Console
+    from rich.console import Console  # type: ignore[import-not-found, unused-ignore]
 
     buffer = io.StringIO()
     Console(file=buffer, width=200, color_system=None).print(

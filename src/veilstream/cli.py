@@ -74,7 +74,96 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("out"))
     demo.add_argument("--video", type=Path, help="default: vtest.avi in the sample media cache")
     demo.add_argument("--frames", type=int, default=150, help="frames to replay")
+    monitor = commands.add_parser("monitor", help="live dashboard of the metrics topic; --once --json for scripts")
+    monitor.add_argument("--bootstrap", help="default: kafka.bootstrap_servers")
+    monitor.add_argument("--metrics-topic", help="default: worker.metrics_topic")
+    monitor.add_argument("--dlq-topic", help="default: worker.dlq_topic")
+    monitor.add_argument("--no-dlq", action="store_true", help="do not read the dead-letter topic")
+    monitor.add_argument("--window", type=float, default=300.0, help="seconds of history to fold in")
+    monitor.add_argument("--from-beginning", action="store_true")
+    monitor.add_argument("--once", action="store_true", help="read until caught up, print one snapshot, exit")
+    monitor.add_argument("--json", action="store_true")
+    monitor.add_argument("--group-lag", help="consumer group whose lag to show (e.g. worker.group_id)")
+    monitor.add_argument("--max-final-changes", type=int, default=0)
+    monitor.add_argument("--max-dead-letters", type=int)
+    monitor.add_argument("--max-budget-exhausted", type=int)
+    monitor.add_argument("--max-p95-latency-ms", type=float)
+    monitor.add_argument("--max-lag", type=int)
+    monitor.add_argument("--refresh", type=float, default=2.0)
+    monitor.add_argument("--duration", type=float, help="stop the live view after S seconds")
+    monitor.add_argument("--timeout", type=float, default=60.0)
+    monitor.add_argument("--plain", action="store_true", help="plain text instead of the rich terminal view")
+
+    report = commands.add_parser("report", help="HTML report with plots from metrics records")
+    source = report.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", type=Path, help="JSONL file of metrics records (e.g. the demo's metrics.jsonl)")
+    source.add_argument("--topic", help="read this metrics topic")
+    report.add_argument("--bootstrap", help="default: kafka.bootstrap_servers")
+    report.add_argument("--since", help="ISO time, 'now', or a duration back such as 15m, 2h, 7d")
+    report.add_argument("--until")
+    report.add_argument("--out", type=Path, required=True)
+    report.add_argument("--title", default="veilstream metrics")
+
+    check = commands.add_parser("check", help="exit 0 when the worker (or the models) are healthy, else 1")
+    check.add_argument("--url", default="http://127.0.0.1:8080", help="the worker's HTTP address")
+    check.add_argument("--models", action="store_true", help="load the models and run one frame instead")
+    check.add_argument("--timeout", type=float, default=5.0)
     return parser
+
+
+def _monitor(args: argparse.Namespace, config: VeilstreamConfig) -> int:
+    from veilstream.monitoring import Thresholds, run_monitor
+
+    thresholds = Thresholds(
+        max_final_changes=args.max_final_changes,
+        max_dead_letters=args.max_dead_letters,
+        max_budget_exhausted=args.max_budget_exhausted,
+        max_p95_latency_ms=args.max_p95_latency_ms,
+        max_lag=args.max_lag,
+    )
+    try:
+        return run_monitor(
+            args.bootstrap or config.kafka.bootstrap_servers,
+            args.metrics_topic or config.worker.metrics_topic,
+            None if args.no_dlq else (args.dlq_topic or config.worker.dlq_topic),
+            once=args.once,
+            as_json=args.json,
+            window_s=args.window,
+            thresholds=thresholds,
+            from_beginning=args.from_beginning,
+            group_lag=args.group_lag,
+            refresh_s=args.refresh,
+            duration_s=args.duration,
+            timeout_s=args.timeout,
+            display="plain" if args.plain else "auto",
+            client_options={k: v for k, v in config.kafka.client_options().items() if k != "bootstrap_servers"},
+        )
+    except ValueError as error:
+        print(f"veilstream monitor: {error}", file=sys.stderr)
+        return 2
+
+
+def _report(args: argparse.Namespace, config: VeilstreamConfig) -> int:
+    from veilstream.monitoring.report import load_records, parse_time, write_report
+
+    records = load_records(
+        args.input,
+        bootstrap=None if args.input else (args.bootstrap or config.kafka.bootstrap_servers),
+        topic=args.topic,
+        since=parse_time(args.since) if args.since else None,
+        until=parse_time(args.until) if args.until else None,
+    )
+    page = write_report(records, args.out, args.title)
+    print(f"report: {page}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from veilstream.worker.check import check_http, check_models
+
+    if args.models:
+        return check_models(args.config)
+    return check_http(args.url, args.timeout)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -201,6 +290,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _replay(args, config)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "monitor":
+            return _monitor(args, config)
+        if args.command == "report":
+            return _report(args, config)
+        if args.command == "check":
+            return _check(args)
     except VeilstreamError as error:
         print(f"veilstream: {error}", file=sys.stderr)
         return 2

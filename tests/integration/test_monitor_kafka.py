@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import KafkaAdminClient
 from kafka.structs import OffsetAndMetadata
 
 from veilstream.monitoring.monitor import run_monitor
@@ -152,8 +153,14 @@ def test_once_json_snapshot_of_the_window(kafka_bootstrap: str, topics: tuple[st
 
 def test_from_beginning_and_thresholds(kafka_bootstrap: str, topics: tuple[str, str]) -> None:
     metrics, dlq = topics
-    code, data = snapshot_json(kafka_bootstrap, metrics, dlq, from_beginning=True)
+    # a group given to the monitor is a label only: nothing is committed under it
+    code, data = snapshot_json(kafka_bootstrap, metrics, dlq, from_beginning=True, group="monitor-label")
     assert code == 0
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        assert admin.list_group_offsets({"monitor-label": None}).get("monitor-label", {}) == {}
+    finally:
+        admin.close()
     assert data["overall"]["frames"] == 5
     assert "cam-old" in data["cameras"]
     assert data["window_seconds"] == pytest.approx(2 * 3600 - 10, abs=1)  # from the oldest to the newest frame
@@ -204,6 +211,11 @@ def test_group_lag(kafka_bootstrap: str, topics: tuple[str, str], topic_factory:
     # without lag topics, the topics the group committed offsets for
     code, data = snapshot_json(kafka_bootstrap, metrics, dlq, group_lag="workers-lag")
     assert [(p["partition"], p["lag"]) for p in data["lag"]["partitions"]] == [(0, 2)]
+    out, err = io.StringIO(), io.StringIO()
+    code = run_monitor(
+        kafka_bootstrap, metrics, dlq, once=True, group_lag="workers-lag", lag_topics=["no-such"], out=out, err=err
+    )
+    assert code == 2 and "lag topic 'no-such' does not exist" in err.getvalue()
 
 
 def test_kafka_problems_exit_2(kafka_bootstrap: str, topics: tuple[str, str]) -> None:

@@ -200,17 +200,27 @@ def render_rich(snapshot: Snapshot, thresholds: Thresholds | None = None, status
 
 
 def rich_available() -> bool:
+    """Whether the optional `rich` package is installed (else the dashboard reprints plain text)."""
     return importlib.util.find_spec("rich") is not None
 
 
 # ------------------------------------------------------------------------------------------ kafka side
 
 
+class TopicMissing(Exception):
+    """A topic to read does not exist (a wrong name, or the wrong broker)."""
+
+
 def measure_lag(admin: Any, consumer: Any, group: str, topics: Sequence[str] | None = None) -> ConsumerLag:
     """Lag of `group` per partition of `topics` (default: the topics the group committed offsets for)."""
     partitions: list[Any] | None = None
     if topics:
-        partitions = [tp for topic in topics for tp in topic_partitions(consumer, topic)]
+        partitions = []
+        for topic in topics:
+            found = topic_partitions(consumer, topic)
+            if not found:  # else a mistyped topic would read as "no lag"
+                raise TopicMissing(f"lag topic {topic!r} does not exist")
+            partitions += found
     if hasattr(admin, "list_group_offsets"):  # kafka-python 3.x
         committed = admin.list_group_offsets({group: partitions}).get(group, {})
     else:  # kafka-python 2.x names it list_consumer_group_offsets
@@ -251,10 +261,6 @@ def _folder(builder: SnapshotBuilder, dlq_topic: str | None, since: datetime | N
             builder.add_frame(parsed)
 
     return fold
-
-
-class TopicMissing(Exception):
-    """The metrics topic does not exist (a wrong name or broker): nothing to monitor."""
 
 
 def _partitions(consumer: Any, metrics_topic: str, dlq_topic: str | None, err: TextIO) -> list[Any]:
@@ -443,7 +449,7 @@ def _live(
                     next_lag = clock + max(refresh_s, LAG_INTERVAL_S)
                     try:
                         measured, lag_note = session.lag(), ""
-                    except KafkaError as error:  # a dashboard keeps going: the broker may come back
+                    except (KafkaError, TopicMissing) as error:  # a dashboard keeps going: it may come back
                         lag_note = f"lag unavailable: {error}"
                 now = datetime.now(UTC)
                 since = None if window_s is None else now - timedelta(seconds=window_s)
