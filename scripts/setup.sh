@@ -16,3 +16,9 @@ if [ ! -f "$font_dir/Arial.ttf" ]; then
     "$font_dir/Arial.ttf"
 fi
 .venv/bin/pip install -q --no-deps scipy==1.17.1 scikit-image==0.26.0 lazy-loader==0.6 imageio==2.38.1 imageio-ffmpeg==0.8.1 onnx==1.23.2 ml-dtypes==0.6.0
+# promtool (Debian's prometheus package) checks the alert rules in tests/test_deploy.py.
+if ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
+    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
+    || echo "warning: promtool unavailable; the alert-rule unit test will be skipped"
+fi

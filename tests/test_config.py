@@ -46,3 +46,25 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
 def test_torchscript_source_needs_a_path() -> None:
     with pytest.raises(ConfigError, match="path"):
         load_config(None, environ={"VEILSTREAM__CLASSIFIERS": "[{source: torchscript}]"})
+
+
+@pytest.mark.parametrize("password", ["12345", "yes", "abc #x", "@%*!pass", "null-ish"])
+def test_secrets_from_the_environment_arrive_intact(password: str) -> None:
+    config = load_config(
+        None,
+        environ={
+            "VEILSTREAM__KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+            "VEILSTREAM__KAFKA__SASL_MECHANISM": "PLAIN",
+            "VEILSTREAM__KAFKA__SASL_USERNAME": "svc",
+            "VEILSTREAM__KAFKA__SASL_PASSWORD": password,
+            "VEILSTREAM__WORKER__BATCH_SIZE": "16",
+            "VEILSTREAM__WORKER__INPUT_TOPICS": "[a, b]",
+            "VEILSTREAM__CORRECTION__TIME_BUDGET_MS": "null",
+        },
+    )
+    assert config.kafka.sasl_password is not None
+    assert config.kafka.sasl_password.get_secret_value() == password
+    assert password not in repr(config.kafka)
+    assert config.worker.batch_size == 16
+    assert config.worker.input_topics == ("a", "b")
+    assert config.correction.time_budget_ms is None

@@ -86,7 +86,7 @@ def test_correction_failure_is_fail_closed() -> None:
     def broken(*_args: object) -> list[object]:
         raise RuntimeError("out of memory")
 
-    pipeline.corrector.correct = broken  # type: ignore[method-assign]
+    pipeline.corrector.correct = broken  # type: ignore[method-assign,assignment]
     outcomes = pipeline.process(frames)
     assert all(o.published is None for o in outcomes)
     assert {o.error.reason for o in outcomes if o.error} == {"correct_failed"}

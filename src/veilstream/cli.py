@@ -108,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--url", default="http://127.0.0.1:8080", help="the worker's HTTP address")
     check.add_argument("--models", action="store_true", help="load the models and run one frame instead")
     check.add_argument("--timeout", type=float, default=5.0)
+    for command in commands.choices.values():
+        # `veilstream worker --config FILE` reads as well as `veilstream --config FILE worker`.
+        command.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="YAML configuration")
     return parser
 
 
@@ -279,6 +282,8 @@ def _eval(args: argparse.Namespace, config: VeilstreamConfig) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "check":
+            return _check(args)  # the HTTP probe needs no configuration; --models loads it itself
         config = load_config(args.config)
         if args.command == "eval":
             return _eval(args, config)
@@ -294,8 +299,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _monitor(args, config)
         if args.command == "report":
             return _report(args, config)
-        if args.command == "check":
-            return _check(args)
     except VeilstreamError as error:
         print(f"veilstream: {error}", file=sys.stderr)
         return 2

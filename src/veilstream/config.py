@@ -1,7 +1,7 @@
 """Configuration: one YAML file validated into frozen pydantic models (unknown keys are errors).
 
-Environment overrides use `VEILSTREAM__SECTION__KEY=value` (double underscores between levels; values parsed as
-YAML scalars), applied before validation.
+Environment overrides use `VEILSTREAM__SECTION__KEY=value` (double underscores between levels), applied before
+validation: `[...]`, `{...}` and `null` are parsed as YAML, any other value is taken as a string.
 """
 
 from __future__ import annotations
@@ -107,6 +107,20 @@ class VeilstreamConfig(_Strict):
     )
 
 
+def _env_value(raw: str) -> Any:
+    """Lists, mappings and null are parsed as YAML; everything else stays the raw string, which pydantic
+    converts for numeric and boolean fields. So a password like `12345`, `yes` or `abc #x` arrives intact."""
+    text = raw.strip()
+    if text in ("null", "~"):
+        return None
+    if text[:1] in ("[", "{"):
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"cannot parse environment value {raw!r}: {error}") from error
+    return raw
+
+
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     for key, raw in environ.items():
         if not key.startswith(ENV_PREFIX):
@@ -117,7 +131,7 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, An
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{key}: {'.'.join(path)} is not a section")
-        node[path[-1]] = yaml.safe_load(raw)
+        node[path[-1]] = _env_value(raw)
     return data
 
 

@@ -127,16 +127,29 @@ def write_config(folder: Path, bootstrap: str, topics: Topics, **worker: Any) ->
 
 
 class WorkerProcess:
-    def __init__(self, config: Path, port: int, log: Path) -> None:
+    def __init__(
+        self,
+        config: Path,
+        port: int,
+        log: Path,
+        args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = port
         self.log = log
-        env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0", "PYTHONUNBUFFERED": "1"}
+        environment = {
+            **os.environ,
+            "YOLO_OFFLINE": "1",
+            "YOLO_AUTOINSTALL": "0",
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
         self.handle = log.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "veilstream.cli", "--config", str(config), "worker"],
+            [sys.executable, "-m", "veilstream.cli", "--config", str(config), "worker", *args],
             stdout=self.handle,
             stderr=subprocess.STDOUT,
-            env=env,
+            env=environment,
         )
 
     def get(self, path: str) -> tuple[int, str]:
@@ -176,8 +189,10 @@ class WorkerProcess:
 
 
 @contextmanager
-def running_worker(config: Path, port: int, log: Path) -> Iterator[WorkerProcess]:
-    worker = WorkerProcess(config, port, log)
+def running_worker(
+    config: Path, port: int, log: Path, args: Sequence[str] = (), env: dict[str, str] | None = None
+) -> Iterator[WorkerProcess]:
+    worker = WorkerProcess(config, port, log, args, env)
     try:
         worker.wait_ready()
         yield worker
