@@ -103,7 +103,10 @@ class FrameMetrics(BaseModel):
     stop_reason: str
     iterations: int
     max_pixel_change: int
-    latency_ms: float = Field(description="from the batch being polled to the frame being acknowledged")
+    latency_ms: float = Field(
+        description="from the worker receiving the frame's batch to handing its output to the producer "
+        "(veilstream_frame_latency_seconds also counts the broker's acknowledgement)"
+    )
     stage_ms: dict[str, float]
     ground_truth: str | None = None
 

@@ -67,7 +67,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         # Nothing is in flight here: batches are committed before the next poll, where rebalances happen.
         log.info("partitions_revoked", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in revoked))
         for tp in revoked:
-            self.worker.metrics.consumer_lag.remove(tp.topic, str(tp.partition)) if self.worker._has_lag(tp) else None
+            self.worker.forget_lag(tp)
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         log.info("partitions_assigned", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
@@ -92,6 +92,7 @@ class Worker:
         self._signals = 0
         self._broker_seen = 0.0
         self._lag_partitions: set[tuple[str, int]] = set()
+        self._watchdog: threading.Timer | None = None
         self.consumer: KafkaConsumer | None = None
         self.producer: KafkaProducer | None = None
         self.http: HealthServer | None = None
@@ -115,9 +116,9 @@ class Worker:
             return
         self._stop.set()
         # Past the bound, exit without committing: the batch in flight is redelivered (at-least-once).
-        watchdog = threading.Timer(self.settings.shutdown_timeout_s, self._shutdown_overrun)
-        watchdog.daemon = True
-        watchdog.start()
+        self._watchdog = threading.Timer(self.settings.shutdown_timeout_s, self._shutdown_overrun)
+        self._watchdog.daemon = True
+        self._watchdog.start()
 
     def _shutdown_overrun(self) -> None:
         log.error("shutdown_timeout_exceeded", seconds=self.settings.shutdown_timeout_s)
@@ -211,6 +212,8 @@ class Worker:
             self.consumer.close(autocommit=False)  # leaves the group: partitions move at once
         if self.http is not None:
             self.http.stop()
+        if self._watchdog is not None:
+            self._watchdog.cancel()  # stopped within the bound: a host process may go on
         log.info("worker_stopped", worker=self.worker_id)
 
     # -- one batch ---------------------------------------------------------------------------------
@@ -347,6 +350,10 @@ class Worker:
         except CommitFailedError as error:
             # The group moved on (rebalance): the new owner reprocesses this batch; duplicates stay within it.
             log.warning("commit_failed_after_rebalance", error=str(error))
+        except KafkaError as error:
+            # Coordinator unreachable: the outputs are safe; the next commit covers these offsets, or the batch is
+            # redelivered after a restart (duplicates within one batch).
+            log.warning("commit_failed", error=str(error))
 
     def _rewind(self, records: Sequence[Any], why: str) -> None:
         """Seek back to the first offset of the batch in each partition, then wait before trying again."""
@@ -365,8 +372,11 @@ class Worker:
 
     # -- periodic ----------------------------------------------------------------------------------
 
-    def _has_lag(self, tp: TopicPartition) -> bool:
-        return (tp.topic, tp.partition) in self._lag_partitions
+    def forget_lag(self, tp: TopicPartition) -> None:
+        """A revoked partition's lag is another worker's to report."""
+        if (tp.topic, tp.partition) in self._lag_partitions:
+            self._lag_partitions.discard((tp.topic, tp.partition))
+            self.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
 
     def _refresh_lag(self) -> None:
         assert self.consumer is not None
