@@ -37,6 +37,7 @@ def test_summary_counts_and_iteration_convention() -> None:
     assert summary["naive_changed_rate"] == pytest.approx(0.75)
     assert summary["corrected_changed"] == 1
     assert summary["budget_exhausted"] == 1
+    assert summary["changed_without_region"] == 0
     assert summary["frames_corrected"] == 3
     assert summary["mean_iterations"] == pytest.approx(104 / 3)  # only frames that needed a step
     assert summary["mean_iterations_all"] == pytest.approx(26)
@@ -48,3 +49,15 @@ def test_empty_summary_is_json_safe() -> None:
     summary = json_safe(summarize_frames([]))
     assert summary["frames"] == 0
     assert summary["mean_iterations"] is None
+
+
+def test_changes_with_nothing_to_correct_are_counted_apart() -> None:
+    records = [
+        {**_record(True, True, 0, 5), "stop_reason": "no_region"},
+        {**_record(False, False, 0, 5), "stop_reason": "no_region"},
+        {**_record(True, True, 100, 5, exhausted=True), "stop_reason": "iteration_budget"},
+    ]
+    summary = summarize_frames(records)  # type: ignore[arg-type]
+    assert summary["corrected_changed"] == 2
+    assert summary["changed_without_region"] == 1
+    assert summary["budget_exhausted"] == 1

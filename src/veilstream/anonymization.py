@@ -40,6 +40,7 @@ class InputSummary:
     naive_changed: int = 0
     corrected_changed: int = 0
     budget_exhausted: int = 0
+    changed_without_region: int = 0  # encoding alone changed the decision; nothing anonymized to correct
     iterations: int = 0
     seconds: float = 0.0
     errors: list[dict[str, str]] = field(default_factory=list)
@@ -74,6 +75,7 @@ class InputSummary:
         self.naive_changed += result.naive_changed
         self.corrected_changed += not result.consistent
         self.budget_exhausted += result.budget_exhausted
+        self.changed_without_region += result.stop_reason == "no_region" and not result.consistent
         self.iterations += result.iterations
         flagged = bool(outcome.residual) or not result.consistent
         self.flagged_frames += flagged
@@ -138,6 +140,7 @@ class Anonymizer:
                 "naive_changed",
                 "corrected_changed",
                 "budget_exhausted",
+                "changed_without_region",
             )
         }
         report = {"inputs": [s.as_dict() for s in summaries], "totals": totals}

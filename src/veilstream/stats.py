@@ -44,6 +44,9 @@ def summarize_frames(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "corrected_changed": corrected_changed,
         "corrected_changed_rate": rate(corrected_changed, frames),
         "budget_exhausted": sum(1 for r in records if r["budget_exhausted"]),
+        "changed_without_region": sum(
+            1 for r in records if r["corrected_changed"] and r.get("stop_reason") == "no_region"
+        ),
         "frames_corrected": len(stepped),
         "mean_iterations": mean(stepped),
         "p95_iterations": percentile(stepped, 95),
