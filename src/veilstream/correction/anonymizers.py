@@ -105,12 +105,21 @@ class GaussianBlur:
 
     def anonymize(self, frame: torch.Tensor, regions: Sequence[Region]) -> torch.Tensor:
         largest = max((self.parameters_for(r)[1] for r in regions), default=1)
-        return _apply_per_region(
-            frame,
-            regions,
-            largest // 2,
-            lambda crop, region: separable_gaussian(crop, *self.parameters_for(region)),
-        )
+        return _apply_per_region(frame, regions, largest // 2, self._blur)
+
+    def _blur(self, crop: torch.Tensor, region: Region) -> torch.Tensor:
+        sigma, size = self.parameters_for(region)
+        if self.kernel is not None or sigma <= _DIRECT_SIGMA:
+            return separable_gaussian(crop, sigma, size)
+        # A wide Gaussian costs O(sigma) per pixel; on a copy shrunk by sigma / _DIRECT_SIGMA the same blur costs
+        # O(1), and enlarging the already smooth result bilinearly changes it imperceptibly.
+        height, width = crop.shape[1:]
+        factor = sigma / _DIRECT_SIGMA
+        small_size = (max(1, round(height / factor)), max(1, round(width / factor)))
+        small = F.interpolate(crop.unsqueeze(0), size=small_size, mode="area")[0]
+        small_sigma = sigma * small_size[1] / width
+        blurred = separable_gaussian(small, small_sigma, 2 * math.ceil(3 * small_sigma) + 1)
+        return F.interpolate(blurred.unsqueeze(0), size=(height, width), mode="bilinear", align_corners=False)[0]
 
 
 @dataclass(frozen=True)
