@@ -240,8 +240,11 @@ class Pipeline:
         if self.residual_detector is None:
             return {}, {}
         start = time.perf_counter()
+        # A frame with nothing anonymized has nothing to find again: skip it (same result, one detection less).
         checked = [
-            (i, r) for i, r in corrected.items() if isinstance(r, CorrectionResult) and prepared.found[i] is not None
+            (i, r)
+            for i, r in corrected.items()
+            if isinstance(r, CorrectionResult) and isinstance(f := prepared.found[i], FoundRegions) and f.detections
         ]
         frames = [decode_frame(r.published) for _, r in checked]
         found_again = self.residual_detector.detect(frames) if frames else []
