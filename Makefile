@@ -40,10 +40,14 @@ demo: setup
 	$(VENV)/bin/veilstream demo --out out
 
 eval: setup
-	$(VENV)/bin/veilstream eval $(VEILSTREAM_MEDIA) --region salient --size 50 --video-step 40 --report reports/eval
+	$(VENV)/bin/veilstream --config config/paper.yaml eval $(VEILSTREAM_MEDIA) --region salient --size 50 \
+		--video-step 10 --stop float,published --report reports/eval
 
+# About 30 minutes on 2 cores; each prints a table and writes bench/results/*.json.
 bench: setup
 	$(PY) bench/correction.py
+	$(PY) bench/pipeline.py --no-prototypes
+	$(PY) bench/worker.py
 
 clean:
 	rm -rf $(VENV) out reports .mypy_cache .ruff_cache .pytest_cache
