@@ -68,3 +68,17 @@ def test_secrets_from_the_environment_arrive_intact(password: str) -> None:
     assert config.worker.batch_size == 16
     assert config.worker.input_topics == ("a", "b")
     assert config.correction.time_budget_ms is None
+
+
+@pytest.mark.slow
+def test_torch_threads_setting_survives_loading_yolo() -> None:
+    import torch
+
+    from veilstream.factory import build_pipeline
+
+    before = torch.get_num_threads()
+    try:
+        build_pipeline(load_config(None, environ={"VEILSTREAM__TORCH_THREADS": "2"}))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -93,6 +93,9 @@ class PipelineConfig(_Strict):
 
 class VeilstreamConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads; loading YOLO otherwise leaves torch at cores - 1"
+    )
     classifiers: tuple[ClassifierConfig, ...] = (ClassifierConfig(),)
     anonymizer: AnonymizerConfig = AnonymizerConfig()
     correction: CorrectionConfig = CorrectionConfig()

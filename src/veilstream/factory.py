@@ -29,5 +29,10 @@ def build_pipeline(
         detector = build_detector(config.detectors)
         finder = DetectorRegionFinder(detector, config.anonymizer.shape)
         residual = detector if config.residual_check else None
+    if config.torch_threads is not None:
+        import torch
+
+        # After the detectors: ultralytics sets torch's thread count as a side effect of loading YOLO.
+        torch.set_num_threads(config.torch_threads)
     corrector = AdaptiveCorrector(ensemble, correction_settings(config.correction, config.publish), device)
     return Pipeline(finder, anonymizer, corrector, config.pipeline.on_failure, residual)
