@@ -25,6 +25,7 @@ from .worker_harness import (
     produce,
     running_worker,
     vtest_jpegs,
+    wait_for_outputs,
     write_config,
 )
 
@@ -180,9 +181,7 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(
     worker = WorkerProcess(config, port, tmp_path / "worker.log")
     try:
         worker.wait_ready()
-        deadline = time.monotonic() + 120
-        while len(consume_all(kafka_bootstrap, topics.output, 6, timeout=2)) < 6 and time.monotonic() < deadline:
-            pass
+        wait_for_outputs(worker, kafka_bootstrap, topics.output, 6)
         worker.signal(signal.SIGKILL)
         worker.wait(10)
     finally:
@@ -204,8 +203,7 @@ def test_sigterm_mid_batch_commits_cleanly(
     worker = WorkerProcess(config, port, tmp_path / "worker.log")
     try:
         worker.wait_ready()
-        while len(consume_all(kafka_bootstrap, topics.output, 4, timeout=2)) < 4:
-            assert worker.process.poll() is None
+        wait_for_outputs(worker, kafka_bootstrap, topics.output, 4)
         started = time.monotonic()
         worker.signal(signal.SIGTERM)
         assert worker.wait(30) == 0, worker.tail()

@@ -92,6 +92,14 @@ def consume_all(bootstrap: str, topic: str, expected: int, timeout: float = 120.
     return records
 
 
+def wait_for_outputs(worker: WorkerProcess, bootstrap: str, topic: str, count: int, timeout: float = 120.0) -> None:
+    """Block until `topic` holds at least `count` records while the worker keeps running, or fail."""
+    deadline = time.monotonic() + timeout
+    while len(consume_all(bootstrap, topic, count, timeout=2)) < count:
+        assert worker.process.poll() is None, f"the worker exited:\n{worker.tail()}"
+        assert time.monotonic() < deadline, f"fewer than {count} outputs after {timeout}s:\n{worker.tail()}"
+
+
 def headers_of(record: Any) -> dict[str, str]:
     return {name: value.decode() for name, value in record.headers}
 
