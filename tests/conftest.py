@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from veilstream.codec import Frame
+from veilstream.decoding.images import Frame
 from veilstream.correction.classifier import Classifier, Preprocessing, imagenet_labels, load_efficientnet_lite0
 
 MEDIA = Path(os.environ.get("VEILSTREAM_MEDIA", Path.home() / ".cache" / "veilstream" / "media"))

@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-from veilstream.cli import main
+from veilstream.commands.cli import main
 
 
 @pytest.mark.slow

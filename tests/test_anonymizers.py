@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from veilstream.correction.anonymizers import GaussianBlur, Pixelate, SolidMask
-from veilstream.correction.regions import Region, region_mask
+from veilstream.anonymizers.filters import GaussianBlur, Pixelate, SolidMask
+from veilstream.anonymizers.regions import Region, region_mask
 
 from .conftest import noise_frames
 
@@ -75,7 +75,7 @@ def test_padding_grows_each_side() -> None:
 
 def test_wide_blur_matches_a_direct_gaussian() -> None:
     """The shrink-blur-enlarge path stays close to the exact (slow) wide Gaussian."""
-    from veilstream.correction.anonymizers import separable_gaussian
+    from veilstream.anonymizers.filters import separable_gaussian
 
     frame = _frame()
     region = Region(0, 0, 160, 120)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from veilstream.codec import DecodeLimits, decode_frame, encode_frame, publish_roundtrip, sniff_codec
+from veilstream.decoding.images import DecodeLimits, decode_frame, sniff_codec
+from veilstream.publishing.encoding import encode_frame, publish_roundtrip
 from veilstream.errors import DecodeError, FrameRejected
 
 from .conftest import noise_frames

@@ -7,11 +7,11 @@ import numpy.typing as npt
 import pytest
 import torch
 
-from veilstream.codec import Frame
-from veilstream.correction.anonymizers import GaussianBlur, SolidMask
+from veilstream.decoding.images import Frame
+from veilstream.anonymizers.filters import GaussianBlur, SolidMask
 from veilstream.correction.classifier import Classifier, Ensemble, Grouping
 from veilstream.correction.corrector import AdaptiveCorrector, CorrectionSettings
-from veilstream.correction.regions import Region, region_mask
+from veilstream.anonymizers.regions import Region, region_mask
 from veilstream.correction.saliency import salient_window
 
 from .conftest import noise_frames, tiny_classifier, video_frame
@@ -54,7 +54,7 @@ def test_correction_restores_every_decision_on_published_bytes() -> None:
     assert all(r.consistent for r in results), [r.stop_reason for r in results]
     assert all(r.iterations >= 1 for r in results if r.naive_changed)
     # `final` is the decision on the decoded published bytes: check it independently.
-    from veilstream.codec import decode_frame
+    from veilstream.decoding.images import decode_frame
 
     reference, _ = ensemble.decide([_tensor(f) for f in case[0]])
     published, _ = ensemble.decide([_tensor(decode_frame(r.published)) for r in results])

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from veilstream.cli import main
-from veilstream.demo import format_summary, summarize
+from veilstream.commands.cli import main
+from veilstream.commands.demo import format_summary, summarize
 
 
 def test_summary_figures_come_from_the_records() -> None:

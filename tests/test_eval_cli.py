@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from veilstream.cli import main
+from veilstream.commands.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,13 +7,15 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from veilstream.codec import Frame, decode_frame
-from veilstream.correction.anonymizers import SolidMask
+from veilstream.anonymizers.filters import SolidMask
 from veilstream.correction.classifier import Ensemble
 from veilstream.correction.corrector import AdaptiveCorrector, CorrectionSettings
-from veilstream.correction.regions import Region
+from veilstream.decoding.images import Frame, decode_frame
 from veilstream.detectors.base import Detection
-from veilstream.pipeline import DetectorRegionFinder, FoundRegions, Pipeline, residual_detections
+from veilstream.detectors.finders import DetectorRegionFinder, residual_detections
+from veilstream.outcome import Dropped, Masked, Published
+from veilstream.pipeline import FailurePolicy, OnFailure, Pipeline, ResidualCheck
+from veilstream.publishing.encoding import Encoder
 
 from .conftest import noise_frames, tiny_classifier
 
@@ -32,14 +34,22 @@ class ScriptedDetector:
         return [list(self.boxes) for _ in frames]
 
 
-def _pipeline(detector: ScriptedDetector, on_failure: str = "drop", residual: bool = False) -> Pipeline:
-    corrector = AdaptiveCorrector(Ensemble([tiny_classifier()]), CorrectionSettings(max_change=96, time_budget_ms=None))
+def _pipeline(
+    detector: ScriptedDetector,
+    on_failure: OnFailure = "drop",
+    residual: ResidualCheck = "off",
+    correct: bool = True,
+) -> Pipeline:
+    encoder = Encoder()
+    settings = CorrectionSettings(max_change=96, time_budget_ms=None)
+    corrector = AdaptiveCorrector(Ensemble([tiny_classifier()]), settings, encoder=encoder) if correct else None
     return Pipeline(
         DetectorRegionFinder(detector),
         SolidMask(value=0),
+        encoder,
         corrector,
-        on_failure,  # type: ignore[arg-type]
-        residual_detector=detector if residual else None,
+        FailurePolicy(on_failure, residual),
+        leak_detector=detector,
     )
 
 
@@ -57,15 +67,14 @@ BOX = Detection(20, 10, 60, 40, 0.9, "face")
 def test_a_failing_frame_is_dropped_alone() -> None:
     frames = _frames()
     outcomes = _pipeline(ScriptedDetector([BOX])).process(frames)
-    assert [o.ok for o in outcomes] == [True, False, True]
+    assert [o.kind for o in outcomes] == ["published", "dropped", "published"]
     failed = outcomes[1]
-    assert failed.published is None
-    assert failed.error is not None
+    assert isinstance(failed, Dropped)
     assert failed.error.reason == "detect_failed"
     for outcome in (outcomes[0], outcomes[2]):
-        assert outcome.found is not None
-        assert outcome.found.faces == 1
-        pixels = decode_frame(outcome.published or b"")
+        assert isinstance(outcome, Published)
+        assert outcome.faces == 1
+        pixels = decode_frame(outcome.data)
         assert pixels[15:35, 25:55].mean() < 40, "the face box is masked in the published frame"
 
 
@@ -73,9 +82,9 @@ def test_mask_frame_policy_publishes_grey_never_raw() -> None:
     frames = _frames()
     outcomes = _pipeline(ScriptedDetector([BOX]), on_failure="mask_frame").process(frames)
     failed = outcomes[1]
-    assert failed.error is not None
-    assert failed.published is not None
-    pixels = decode_frame(failed.published)
+    assert isinstance(failed, Masked)
+    assert failed.error.reason == "detect_failed"
+    pixels = decode_frame(failed.data)
     assert np.abs(pixels.astype(int) - 128).max() <= 2, "a fully grey frame, no trace of the original"
 
 
@@ -86,37 +95,81 @@ def test_correction_failure_is_fail_closed() -> None:
     def broken(*_args: object) -> list[object]:
         raise RuntimeError("out of memory")
 
+    assert pipeline.corrector is not None
     pipeline.corrector.correct = broken  # type: ignore[method-assign,assignment]
     outcomes = pipeline.process(frames)
-    assert all(o.published is None for o in outcomes)
-    assert {o.error.reason for o in outcomes if o.error} == {"correct_failed"}
+    assert all(isinstance(o, Dropped) for o in outcomes)
+    assert {o.error.reason for o in outcomes if isinstance(o, Dropped)} == {"correct_failed"}
+
+
+def test_encoding_failure_is_fail_closed() -> None:
+    pipeline = _pipeline(ScriptedDetector([BOX]), correct=False)
+
+    def broken(_frame: Frame) -> bytes:
+        raise RuntimeError("encoder crashed")
+
+    object.__setattr__(pipeline.encoder, "encode", broken)
+    (outcome,) = pipeline.process(noise_frames(1, seed=3))
+    assert isinstance(outcome, Dropped)
+    assert outcome.error.reason == "encode_failed"
+
+
+def test_published_bytes_are_the_bytes_the_decisions_were_checked_on() -> None:
+    (outcome,) = _pipeline(ScriptedDetector([BOX])).process(noise_frames(1, seed=8))
+    assert isinstance(outcome, Published)
+    assert outcome.correction is not None
+    assert outcome.data == outcome.correction.encoded.data
+
+
+def test_correction_off_runs_no_classifier_and_publishes_the_anonymized_frame() -> None:
+    (outcome,) = _pipeline(ScriptedDetector([BOX]), correct=False).process(noise_frames(1, seed=2))
+    assert isinstance(outcome, Published)
+    assert outcome.correction is None
+    assert "correct" not in outcome.timings_ms
+    assert decode_frame(outcome.data)[15:35, 25:55].mean() < 40
 
 
 def test_timings_per_stage_are_reported() -> None:
-    outcome = _pipeline(ScriptedDetector([BOX]), residual=True).process(noise_frames(1, seed=5))[0]
+    outcome = _pipeline(ScriptedDetector([BOX]), residual="flag").process(noise_frames(1, seed=5))[0]
     assert set(outcome.timings_ms) >= {"detect", "anonymize", "correct", "residual_check"}
     assert all(v >= 0 for v in outcome.timings_ms.values())
 
 
 def test_residual_detections_match_anonymized_objects_of_the_same_kind() -> None:
-    found = FoundRegions((Region(0, 0, 10, 10),), (Detection(0, 0, 40, 40, 0.9, "face"),))
+    anonymized = [Detection(0, 0, 40, 40, 0.9, "face")]
     again = [
         Detection(5, 5, 30, 30, 0.5, "face"),  # inside the anonymized face: residual
         Detection(5, 5, 30, 30, 0.5, "plate"),  # other kind: not this face
         Detection(100, 100, 120, 120, 0.5, "face"),  # elsewhere: a new face, not a residual
     ]
-    assert residual_detections(found, again) == [again[0]]
+    assert residual_detections(anonymized, again) == [again[0]]
 
 
 def test_residual_check_flags_a_frame_where_the_detector_still_fires() -> None:
     # The scripted detector finds the same box again on the published frame: a residual.
-    outcome = _pipeline(ScriptedDetector([BOX]), residual=True).process(noise_frames(1, seed=6))[0]
+    outcome = _pipeline(ScriptedDetector([BOX]), residual="flag").process(noise_frames(1, seed=6))[0]
+    assert isinstance(outcome, Published)
     assert [d.kind for d in outcome.residual] == ["face"]
+    assert outcome.flagged
+
+
+@pytest.mark.parametrize(("on_failure", "kind"), [("drop", Dropped), ("mask_frame", Masked)])
+def test_residual_check_fail_applies_the_failure_policy(on_failure: OnFailure, kind: type) -> None:
+    outcome = _pipeline(ScriptedDetector([BOX]), on_failure, "fail").process(noise_frames(1, seed=6))[0]
+    assert isinstance(outcome, kind)
+    assert outcome.error.reason == "residual_detection"  # type: ignore[union-attr]
+    assert [d.kind for d in outcome.residual] == ["face"]
+
+
+def test_residual_check_off_never_looks_again() -> None:
+    detector = ScriptedDetector([BOX])
+    outcome = _pipeline(detector, residual="off").process(noise_frames(1, seed=6))[0]
+    assert outcome.residual == ()
+    assert detector.calls == 1
 
 
 @pytest.mark.parametrize("count", [0, 2])
 def test_faces_and_plates_are_counted(count: int) -> None:
     boxes = [BOX, Detection(70, 40, 90, 50, 0.5, "plate")][:count]
     outcome = _pipeline(ScriptedDetector(boxes)).process(noise_frames(1, seed=7))[0]
-    assert outcome.found is not None
-    assert (outcome.found.faces, outcome.found.plates) == ((1, 1) if count else (0, 0))
+    assert (outcome.faces, outcome.plates) == ((1, 1) if count else (0, 0))

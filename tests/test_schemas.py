@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from veilstream.codec import DecodeLimits, encode_frame
+from veilstream.decoding.images import DecodeLimits
+from veilstream.publishing.encoding import encode_frame
 from veilstream.errors import FrameRejected
 from veilstream.schemas import InputFrameHeaders, OutputFrameHeaders, decode_headers, encode_headers
 from veilstream.schemas.export import SCHEMAS, render

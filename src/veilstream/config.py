@@ -84,15 +84,23 @@ class DecodeConfig(_Strict):
 
 
 class PipelineConfig(_Strict):
+    """One batch size and one failure policy for every entry point."""
+
+    batch_size: int = Field(8, ge=1, le=256, description="frames per batch (the worker polls this many)")
     on_failure: Literal["drop", "mask_frame"] = Field(
         "drop",
-        description="a frame whose detection or correction fails: dropped with an error record, or fully masked",
+        description="a frame that fails any stage (or the residual check, with residual_check: fail): dropped "
+        "to the dead letters / error list, or published fully masked",
     )
-    batch_size: int = Field(4, ge=1)
+    residual_check: Literal["off", "flag", "fail"] = Field(
+        "flag",
+        description="detect again on the published frame: off; flag the frame when an anonymized object is found "
+        "again; or fail the frame (then on_failure applies)",
+    )
 
 
 class VeilstreamConfig(_Strict):
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="every stage: detectors, correction")
     torch_threads: int | None = Field(
         None, ge=1, description="torch CPU threads; loading YOLO otherwise leaves torch at cores - 1"
     )
@@ -105,9 +113,29 @@ class VeilstreamConfig(_Strict):
     detectors: DetectorConfig = DetectorConfig()
     kafka: KafkaConfig = KafkaConfig()
     worker: WorkerConfig = WorkerConfig()
-    residual_check: bool = Field(
-        True, description="run the detectors again on the published frame and flag anonymized objects found again"
-    )
+
+
+MOVED_KEYS: dict[tuple[str, ...], str] = {
+    ("residual_check",): "pipeline.residual_check (off, flag or fail)",
+    ("worker", "residual_action"): "pipeline.residual_check: fail with pipeline.on_failure (drop or mask_frame)",
+    ("worker", "batch_size"): "pipeline.batch_size",
+    ("detectors", "device"): "the top-level device (one setting for every stage)",
+}
+
+
+def _moved_keys(data: dict[str, Any]) -> list[str]:
+    """Keys of earlier versions, each with where its setting lives now."""
+    found = []
+    for path, now in MOVED_KEYS.items():
+        node: Any = data
+        for part in path:
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        if node is not _MISSING:
+            found.append(f"'{'.'.join(path)}' was replaced by {now}")
+    return found
+
+
+_MISSING = object()
 
 
 def _env_value(raw: str) -> Any:
@@ -150,10 +178,12 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
             raise ConfigError(f"{path}: the top level must be a mapping")
         data = loaded
     data = _apply_env(data, os.environ if environ is None else environ)
+    where = f" in {path}" if path else ""
+    if moved := _moved_keys(data):
+        raise ConfigError(f"outdated configuration{where}:\n" + "\n".join(moved))
     try:
         return VeilstreamConfig.model_validate(data)
     except ValidationError as error:
-        where = f" in {path}" if path else ""
         raise ConfigError(f"invalid configuration{where}:\n{error}") from error
 
 

@@ -1,38 +1,61 @@
-"""Builds the pipeline an entry point needs from configuration (loads every model once)."""
+"""Builds the pipeline an entry point needs from configuration (loads every model once, on one device)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
 from veilstream.config import VeilstreamConfig, resolve_device
-from veilstream.correction.corrector import AdaptiveCorrector
+from veilstream.correction.classifier import Ensemble
+from veilstream.correction.corrector import AdaptiveCorrector, CorrectionSettings
 from veilstream.correction.loading import build_anonymizer, build_ensemble, correction_settings
 from veilstream.detectors.config import build_detector
-from veilstream.pipeline import DetectorRegionFinder, Pipeline, RegionFinder, SalientRegionFinder
+from veilstream.detectors.finders import DetectorRegionFinder, RegionFinder, SalientRegionFinder
+from veilstream.pipeline import FailurePolicy, Pipeline
+from veilstream.publishing.encoding import Encoder
 
 RegionSource = Literal["detect", "salient"]
 
 
+def build_encoder(config: VeilstreamConfig) -> Encoder:
+    return Encoder(config.publish.codec, config.publish.quality)
+
+
+def build_corrector(
+    config: VeilstreamConfig, ensemble: Ensemble, device: str, settings: CorrectionSettings | None = None
+) -> AdaptiveCorrector:
+    settings = settings or correction_settings(config.correction)
+    return AdaptiveCorrector(ensemble, settings, device, encoder=build_encoder(config))
+
+
 def build_pipeline(
-    config: VeilstreamConfig, region: RegionSource = "detect", salient_size: int = 50, paper_blur: bool = False
+    config: VeilstreamConfig,
+    region: RegionSource = "detect",
+    salient_size: int = 50,
+    paper_blur: bool = False,
+    need_classifiers: bool = False,
 ) -> Pipeline:
-    from veilstream.correction.anonymizers import GaussianBlur
+    """With `correction.enabled: false` no classifier is loaded or run, unless `need_classifiers` (eval) or the
+    salient region (the classifier's own saliency) asks for one."""
+    from veilstream.anonymizers.filters import GaussianBlur
 
     device = resolve_device(config.device)
-    ensemble = build_ensemble(config.classifiers, device)
+    correcting = config.correction.enabled or need_classifiers
+    ensemble = build_ensemble(config.classifiers, device) if correcting or region == "salient" else None
     anonymizer = GaussianBlur(kernel=9, sigma=10) if paper_blur else build_anonymizer(config.anonymizer)
     finder: RegionFinder
-    residual = None
+    leak_detector = None
     if region == "salient":
+        assert ensemble is not None
         finder = SalientRegionFinder(ensemble.members[0], salient_size)
     else:
-        detector = build_detector(config.detectors)
+        detector = build_detector(config.detectors, device)
         finder = DetectorRegionFinder(detector, config.anonymizer.shape)
-        residual = detector if config.residual_check else None
+        leak_detector = detector
     if config.torch_threads is not None:
         import torch
 
         # After the detectors: ultralytics sets torch's thread count as a side effect of loading YOLO.
         torch.set_num_threads(config.torch_threads)
-    corrector = AdaptiveCorrector(ensemble, correction_settings(config.correction, config.publish), device)
-    return Pipeline(finder, anonymizer, corrector, config.pipeline.on_failure, residual)
+    corrector = build_corrector(config, ensemble, device) if correcting and ensemble is not None else None
+    policy = FailurePolicy(config.pipeline.on_failure, config.pipeline.residual_check)
+    return Pipeline(finder, anonymizer, build_encoder(config), corrector, policy, leak_detector, device)

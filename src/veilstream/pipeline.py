@@ -1,8 +1,8 @@
-"""The one pipeline every entry point shares: regions -> anonymize -> classify + correct -> encode.
+"""The one pipeline every entry point shares: detect -> anonymize -> correct -> publish (encode) -> leak check.
 
-Pure with respect to I/O: frames in, outcomes out. Fail-closed: a frame whose region finding, anonymization
-or correction fails is never emitted with raw pixels; by policy it is dropped with its error, or published
-fully masked.
+Pure with respect to I/O: frames in, one `FrameOutcome` per frame out. Fail-closed: a frame whose detection,
+anonymization, correction or encoding fails, or whose anonymized object is found again when the policy says
+that is a failure, is never published with raw pixels; by policy it is dropped with its error, or masked.
 """
 
 from __future__ import annotations
@@ -10,116 +10,45 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, TypeVar
+from typing import Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
-from veilstream.codec import Codec, Frame, decode_frame, encode_frame
-from veilstream.correction.anonymizers import Anonymizer
-from veilstream.correction.classifier import Classifier
+from veilstream.anonymizers.filters import Anonymizer
+from veilstream.anonymizers.regions import region_mask
 from veilstream.correction.corrector import AdaptiveCorrector, CorrectionResult
-from veilstream.correction.regions import Region, RegionShape, region_mask
-from veilstream.correction.saliency import salient_window
+from veilstream.decoding.images import Frame
 from veilstream.detectors.base import Detection, Detector
+from veilstream.detectors.finders import FoundRegions, RegionFinder, residual_detections
 from veilstream.errors import FrameError, StageError
+from veilstream.outcome import Dropped, FrameOutcome, Masked, Published
+from veilstream.publishing.encoding import Encoder
 
-FailurePolicy = Literal["drop", "mask_frame"]
 T = TypeVar("T")
+OnFailure = Literal["drop", "mask_frame"]
+ResidualCheck = Literal["off", "flag", "fail"]
 
 
 @dataclass(frozen=True)
-class FoundRegions:
-    """What to anonymize in one frame, and the detections behind it (none for simulated regions)."""
+class FailurePolicy:
+    """One policy for every failure. `residual`: look again for anonymized objects on the published frame;
+    `flag` publishes and flags the frame, `fail` treats it as a failed frame (dropped or masked)."""
 
-    regions: tuple[Region, ...]
-    detections: tuple[Detection, ...] = ()
-
-    @property
-    def faces(self) -> int:
-        return sum(1 for d in self.detections if d.kind == "face")
-
-    @property
-    def plates(self) -> int:
-        return sum(1 for d in self.detections if d.kind == "plate")
-
-
-class RegionFinder(Protocol):
-    def find(self, frames: Sequence[Frame]) -> list[FoundRegions]: ...
-
-
-@dataclass(frozen=True)
-class SalientRegionFinder:
-    """The paper's simulation: the classifier's most salient `size` x `size` window."""
-
-    classifier: Classifier
-    size: int = 50
-
-    def find(self, frames: Sequence[Frame]) -> list[FoundRegions]:
-        device = self.classifier.device
-        return [FoundRegions((salient_window(self.classifier, _tensor(f, device), self.size),)) for f in frames]
-
-
-@dataclass(frozen=True)
-class DetectorRegionFinder:
-    """Faces and plates from a detector (already padded, clipped and merged by it)."""
-
-    detector: Detector
-    shape: RegionShape = "box"
-
-    def find(self, frames: Sequence[Frame]) -> list[FoundRegions]:
-        return [
-            FoundRegions(tuple(Region(d.x1, d.y1, d.x2, d.y2, self.shape) for d in found), tuple(found))
-            for found in self.detector.detect(frames)
-        ]
-
-
-def residual_detections(found: FoundRegions, again: Sequence[Detection], overlap: float = 0.3) -> list[Detection]:
-    """Detections on the published frame that fall on an anonymized object of the same kind: the
-    anonymization did not hold there. `overlap` is the share of the new box inside the old one."""
-    residual = []
-    for new in again:
-        for old in found.detections:
-            if old.kind != new.kind:
-                continue
-            iw = min(old.x2, new.x2) - max(old.x1, new.x1)
-            ih = min(old.y2, new.y2) - max(old.y1, new.y1)
-            if iw > 0 and ih > 0 and iw * ih >= overlap * new.area:
-                residual.append(new)
-                break
-    return residual
+    on_failure: OnFailure = "drop"
+    residual: ResidualCheck = "flag"
 
 
 @dataclass
 class Prepared:
-    """Frames with their regions found and anonymized, ready for correction."""
+    """Frames with their regions found and anonymized, ready for correction and publishing."""
 
     originals: list[Frame]
     found: list[FoundRegions | FrameError]
     anonymized: list[Frame | None]
     masks: list[npt.NDArray[np.bool_] | None]
     timings_ms: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class FrameOutcome:
-    """One frame through the pipeline. `published` is None only when the frame is dropped."""
-
-    found: FoundRegions | None
-    correction: CorrectionResult | None
-    error: FrameError | None
-    published: bytes | None
-    timings_ms: dict[str, float]
-    residual: tuple[Detection, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-def _tensor(frame: Frame, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(frame)).to(device).permute(2, 0, 1).float()
 
 
 def _per_frame(items: Sequence[T], run: Callable[[Sequence[T]], list[object]], stage: str) -> list[object]:
@@ -136,21 +65,40 @@ def _per_frame(items: Sequence[T], run: Callable[[Sequence[T]], list[object]], s
         return results
 
 
+def _stage_error(stage: str, error: Exception) -> StageError:
+    return StageError(f"{stage}_failed", f"{type(error).__name__}: {error}")
+
+
+@dataclass
+class _Encoded:
+    """The publish stage's result for one frame: bytes, what a consumer decodes (if known), the correction."""
+
+    data: bytes
+    decoded: Frame | None
+    correction: CorrectionResult | None
+
+
 class Pipeline:
     def __init__(
         self,
         finder: RegionFinder,
         anonymizer: Anonymizer,
-        corrector: AdaptiveCorrector,
-        on_failure: FailurePolicy = "drop",
-        residual_detector: Detector | None = None,
+        encoder: Encoder,
+        corrector: AdaptiveCorrector | None = None,
+        policy: FailurePolicy | None = None,
+        leak_detector: Detector | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.finder = finder
         self.anonymizer = anonymizer
+        self.encoder = encoder
         self.corrector = corrector
-        self.on_failure = on_failure
-        self.residual_detector = residual_detector
-        self.device = corrector.device
+        self.policy = policy or FailurePolicy()
+        self.leak_detector = leak_detector if self.policy.residual != "off" else None
+        self.device = torch.device(device)
+
+    def process(self, frames: Sequence[Frame]) -> list[FrameOutcome]:
+        return self.finish(self.prepare(frames))
 
     def prepare(self, frames: Sequence[Frame]) -> Prepared:
         """Find and anonymize the regions of every frame."""
@@ -162,44 +110,43 @@ class Pipeline:
         detected = time.perf_counter()
         anonymized: list[Frame | None] = []
         masks: list[npt.NDArray[np.bool_] | None] = []
-        for frame, regions in zip(frames, found, strict=True):
-            if isinstance(regions, FrameError):
-                anonymized.append(None)
-                masks.append(None)
-                continue
-            try:
-                anon, mask = self._anonymize(frame, regions)
-            except Exception as error:
-                found[len(anonymized)] = StageError("anonymize_failed", f"{type(error).__name__}: {error}")
-                anonymized.append(None)
-                masks.append(None)
-                continue
+        for index, (frame, regions) in enumerate(zip(frames, found, strict=True)):
+            anon: Frame | None = None
+            mask: npt.NDArray[np.bool_] | None = None
+            if isinstance(regions, FoundRegions):
+                try:
+                    anon, mask = self._anonymize(frame, regions)
+                except Exception as error:
+                    found[index] = _stage_error("anonymize", error)
             anonymized.append(anon)
             masks.append(mask)
-        done = time.perf_counter()
         count = max(1, len(frames))
-        return Prepared(
-            list(frames),
-            found,
-            anonymized,
-            masks,
-            {"detect": (detected - start) * 1000 / count, "anonymize": (done - detected) * 1000 / count},
-        )
+        timings = {"detect": (detected - start) * 1000 / count, "anonymize": (time.perf_counter() - detected) * 1000 / count}
+        return Prepared(list(frames), found, anonymized, masks, timings)
 
     def _anonymize(self, frame: Frame, found: FoundRegions) -> tuple[Frame, npt.NDArray[np.bool_]]:
         regions = list(found.regions)
-        tensor = _tensor(frame, self.device)
+        tensor = torch.from_numpy(np.ascontiguousarray(frame)).to(self.device).permute(2, 0, 1).float()
         hidden = self.anonymizer.anonymize(tensor, regions) if regions else tensor
         mask = region_mask(regions, frame.shape[0], frame.shape[1], self.device)
         pixels = hidden.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
         return np.ascontiguousarray(pixels), mask.cpu().numpy()
 
-    def correct(self, prepared: Prepared, corrector: AdaptiveCorrector | None = None) -> list[FrameOutcome]:
-        """Correct the prepared frames (with `corrector`, default the pipeline's) and apply the failure policy."""
+    def finish(self, prepared: Prepared, corrector: AdaptiveCorrector | None = None) -> list[FrameOutcome]:
+        """Correct (with `corrector`, default the pipeline's; none = publish the anonymized pixels), encode,
+        check for leaks and apply the failure policy."""
         corrector = corrector or self.corrector
         ready = [i for i, a in enumerate(prepared.anonymized) if a is not None]
-        start = time.perf_counter()
+        stages: dict[int, dict[str, float]] = {i: dict(prepared.timings_ms) for i in range(len(prepared.originals))}
+        encoded: dict[int, _Encoded | FrameError] = (
+            self._correct(prepared, ready, corrector, stages) if corrector else self._encode(prepared, ready, stages)
+        )
+        residual = self._leak_check(prepared, encoded, stages)
+        return [self._outcome(prepared, i, encoded.get(i), residual.get(i, ()), stages[i]) for i in range(len(stages))]
 
+    def _correct(
+        self, prepared: Prepared, ready: list[int], corrector: AdaptiveCorrector, stages: dict[int, dict[str, float]]
+    ) -> dict[int, _Encoded | FrameError]:
         def run(indices: Sequence[int]) -> list[object]:
             return list(
                 corrector.correct(
@@ -209,57 +156,97 @@ class Pipeline:
                 )
             )
 
-        corrected = dict(zip(ready, _per_frame(ready, run, "correct"), strict=True)) if ready else {}
-        correct_ms = (time.perf_counter() - start) * 1000 / max(1, len(prepared.originals))
-        residuals = self._residuals(prepared, corrected)
-        outcomes: list[FrameOutcome] = []
-        for i, found in enumerate(prepared.found):
-            timings = {**prepared.timings_ms, "correct": correct_ms, **residuals[1]}
-            result = corrected.get(i)
-            if isinstance(result, CorrectionResult) and isinstance(found, FoundRegions):
-                outcomes.append(FrameOutcome(found, result, None, result.published, timings, residuals[0].get(i, ())))
-                continue
-            error = found if isinstance(found, FrameError) else result
-            if not isinstance(error, FrameError):
-                error = StageError("internal", f"unexpected stage result {error!r}")
-            outcomes.append(
-                FrameOutcome(
-                    found if isinstance(found, FoundRegions) else None,
-                    None,
-                    error,
-                    self._fallback(prepared.originals[i], corrector.settings.codec, corrector.settings.quality),
-                    timings,
-                )
-            )
-        return outcomes
+        results: dict[int, _Encoded | FrameError] = {}
+        for i, result in zip(ready, _per_frame(ready, run, "correct") if ready else [], strict=True):
+            if isinstance(result, CorrectionResult):
+                # The corrector checked its decisions on exactly these bytes: they are what is published.
+                stages[i]["correct"] = result.elapsed_ms
+                results[i] = _Encoded(result.encoded.data, result.encoded.decoded, result)
+            else:
+                results[i] = result if isinstance(result, FrameError) else StageError("correct_failed", repr(result))
+        return results
 
-    def _residuals(
-        self, prepared: Prepared, corrected: dict[int, object]
-    ) -> tuple[dict[int, tuple[Detection, ...]], dict[str, float]]:
+    def _encode(
+        self, prepared: Prepared, ready: list[int], stages: dict[int, dict[str, float]]
+    ) -> dict[int, _Encoded | FrameError]:
+        results: dict[int, _Encoded | FrameError] = {}
+        for i in ready:
+            start = time.perf_counter()
+            pixels = prepared.anonymized[i]
+            assert pixels is not None  # `ready` holds only anonymized frames
+            try:
+                if self.leak_detector is not None:
+                    roundtrip = self.encoder.roundtrip(pixels)
+                    results[i] = _Encoded(roundtrip.data, roundtrip.decoded, None)
+                else:
+                    results[i] = _Encoded(self.encoder.encode(pixels), None, None)
+            except Exception as error:
+                results[i] = _stage_error("encode", error)
+            stages[i]["encode"] = (time.perf_counter() - start) * 1000
+        return results
+
+    def _leak_check(
+        self, prepared: Prepared, encoded: dict[int, _Encoded | FrameError], stages: dict[int, dict[str, float]]
+    ) -> dict[int, tuple[Detection, ...] | FrameError]:
         """Detect again on the published pixels; keep what lands on an anonymized object."""
-        if self.residual_detector is None:
-            return {}, {}
-        start = time.perf_counter()
+        if self.leak_detector is None:
+            return {}
         # A frame with nothing anonymized has nothing to find again: skip it (same result, one detection less).
         checked = [
-            (i, r)
-            for i, r in corrected.items()
-            if isinstance(r, CorrectionResult) and isinstance(f := prepared.found[i], FoundRegions) and f.detections
+            (i, e)
+            for i, e in encoded.items()
+            if isinstance(e, _Encoded) and isinstance(f := prepared.found[i], FoundRegions) and f.detections
         ]
-        frames = [decode_frame(r.published) for _, r in checked]
-        found_again = self.residual_detector.detect(frames) if frames else []
-        residual: dict[int, tuple[Detection, ...]] = {}
-        for (i, _), again in zip(checked, found_again, strict=True):
-            found = prepared.found[i]
-            if isinstance(found, FoundRegions):
-                residual[i] = tuple(residual_detections(found, again))
-        elapsed = (time.perf_counter() - start) * 1000 / max(1, len(prepared.originals))
-        return residual, {"residual_check": elapsed}
+        if not checked:
+            return {}
+        start = time.perf_counter()
+        residual: dict[int, tuple[Detection, ...] | FrameError] = {}
+        try:
+            frames = [e.decoded if e.decoded is not None else _decode(e.data) for _, e in checked]
+            found_again = self.leak_detector.detect(frames)
+            for (i, _), again in zip(checked, found_again, strict=True):
+                found = prepared.found[i]
+                assert isinstance(found, FoundRegions)
+                residual[i] = tuple(residual_detections(found.detections, again))
+        except Exception as error:  # an unchecked frame is a frame in doubt: fail closed
+            residual = {i: _stage_error("residual_check", error) for i, _ in checked}
+        each = (time.perf_counter() - start) * 1000 / len(checked)
+        for i, _ in checked:
+            stages[i]["residual_check"] = each
+        return residual
 
-    def _fallback(self, frame: Frame, codec: Codec, quality: int) -> bytes | None:
-        if self.on_failure == "drop":
-            return None
-        return encode_frame(np.full_like(frame, 128), codec, quality)
+    def _outcome(
+        self,
+        prepared: Prepared,
+        i: int,
+        encoded: _Encoded | FrameError | None,
+        residual: tuple[Detection, ...] | FrameError,
+        timings: dict[str, float],
+    ) -> FrameOutcome:
+        found = prepared.found[i]
+        detections = found.detections if isinstance(found, FoundRegions) else ()
+        error: FrameError | None = found if isinstance(found, FrameError) else None
+        if error is None and isinstance(encoded, FrameError):
+            error = encoded
+        if error is None and isinstance(residual, FrameError):
+            error = residual
+        hits = residual if isinstance(residual, tuple) else ()
+        if error is None and hits and self.policy.residual == "fail":
+            error = StageError("residual_detection", f"{len(hits)} anonymized object(s) found again")
+        if error is None and isinstance(encoded, _Encoded):
+            return Published(detections, hits, timings, encoded.data, encoded.correction)  # type: ignore[arg-type]
+        error = error or StageError("internal", "the frame reached no stage result")
+        if self.policy.on_failure == "mask_frame":
+            try:
+                grey = self.encoder.grey(prepared.originals[i])
+            except Exception as mask_error:  # cannot even mask: drop
+                error = _stage_error("mask", mask_error)
+            else:
+                return Masked(detections, hits, timings, grey, error)  # type: ignore[arg-type]
+        return Dropped(detections, hits, timings, error)  # type: ignore[arg-type]
 
-    def process(self, frames: Sequence[Frame]) -> list[FrameOutcome]:
-        return self.correct(self.prepare(frames))
+
+def _decode(data: bytes) -> Frame:
+    from veilstream.decoding.images import decode_frame
+
+    return decode_frame(data)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
+
+from veilstream.schemas.records import Figures, FrameRecord
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -26,35 +28,59 @@ def rate(count: int, total: int) -> float:
     return count / total if total else math.nan
 
 
-def summarize_frames(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Consistency figures over frame records carrying `naive_changed`, `corrected_changed`, `budget_exhausted`,
-    `iterations` and `ms`.
+def _optional(value: float) -> float | None:
+    return None if math.isnan(value) else value
 
-    `mean_iterations` / `p95_iterations` are over the frames that needed at least one correction step (the
-    paper's convention); `mean_iterations_all` is over every frame.
+
+def figures(records: Sequence[FrameRecord], seconds: float | None = None) -> Figures:
+    """The one aggregate of frame records (for an `AggregateRecord`, add its envelope to `model_dump()`).
+
+    Every input has a record, an undecodable one too (dropped), so `dead_letters` is the dropped count.
+    `seconds` is the wall time the records span, for frames per second.
     """
-    frames = len(records)
-    stepped = [float(r["iterations"]) for r in records if r["iterations"] > 0]
-    naive_changed = sum(1 for r in records if r["naive_changed"])
-    corrected_changed = sum(1 for r in records if r["corrected_changed"])
-    return {
-        "frames": frames,
-        "naive_changed": naive_changed,
-        "naive_changed_rate": rate(naive_changed, frames),
-        "corrected_changed": corrected_changed,
-        "corrected_changed_rate": rate(corrected_changed, frames),
-        "budget_exhausted": sum(1 for r in records if r["budget_exhausted"]),
-        "changed_without_region": sum(
-            1 for r in records if r["corrected_changed"] and r.get("stop_reason") == "no_region"
-        ),
-        "frames_corrected": len(stepped),
-        "mean_iterations": mean(stepped),
-        "p95_iterations": percentile(stepped, 95),
-        "max_iterations": max(stepped, default=0.0),
-        "mean_iterations_all": mean([float(r["iterations"]) for r in records]),
-        "mean_ms_per_frame": mean([float(r["ms"]) for r in records]),
-        "p95_ms_per_frame": percentile([float(r["ms"]) for r in records], 95),
-    }
+    corrected = [r for r in records if r.corrected]
+    stepped = [float(r.iterations) for r in corrected if r.iterations > 0]
+    latencies = [r.latency_ms for r in records]
+    labelled = [r for r in corrected if r.ground_truth is not None and r.original and r.final]
+    naive_changed = sum(1 for r in corrected if r.naive_changed)
+    final_changed = sum(1 for r in corrected if r.consistent is False)
+
+    def accuracy(pick: str) -> float | None:
+        if not labelled:
+            return None
+        return sum(1 for r in labelled if getattr(r, pick)[0].label == r.ground_truth) / len(labelled)
+
+    dropped = sum(1 for r in records if r.outcome == "dropped")
+    return Figures(
+        frames=len(records),
+        published=sum(1 for r in records if r.outcome == "published"),
+        masked=sum(1 for r in records if r.outcome == "masked"),
+        dropped=dropped,
+        dead_letters=dropped,
+        flagged=sum(1 for r in records if r.flagged),
+        faces=sum(r.faces for r in records),
+        plates=sum(r.plates for r in records),
+        residual_detections=sum(r.residual_faces + r.residual_plates for r in records),
+        corrected=len(corrected),
+        naive_changed=naive_changed,
+        final_changed=final_changed,
+        naive_changed_rate=_optional(rate(naive_changed, len(corrected))),
+        final_changed_rate=_optional(rate(final_changed, len(corrected))),
+        budget_exhausted=sum(1 for r in corrected if r.budget_exhausted),
+        changed_without_region=sum(1 for r in corrected if r.consistent is False and r.stop_reason == "no_region"),
+        frames_stepped=len(stepped),
+        mean_iterations=_optional(mean(stepped)),
+        p95_iterations=_optional(percentile(stepped, 95)),
+        max_iterations=int(max(stepped, default=0)),
+        mean_iterations_all=_optional(mean([float(r.iterations) for r in corrected])),
+        mean_latency_ms=_optional(mean(latencies)),
+        p50_latency_ms=_optional(percentile(latencies, 50)),
+        p95_latency_ms=_optional(percentile(latencies, 95)),
+        frames_per_second=len(records) / seconds if seconds and seconds > 0 else None,
+        labelled_frames=len(labelled),
+        accuracy_original=accuracy("original"),
+        accuracy_published=accuracy("final"),
+    )
 
 
 def json_safe(value: Any) -> Any:

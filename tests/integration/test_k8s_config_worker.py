@@ -8,7 +8,7 @@ import io
 import json
 from pathlib import Path
 
-from veilstream.cli import main
+from veilstream.commands.cli import main
 from veilstream.testing.brokers import TopicFactory, free_port
 
 from .worker_harness import consume_all, frame_message, produce, running_worker, vtest_jpegs

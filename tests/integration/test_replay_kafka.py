@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from veilstream.cli import main
-from veilstream.codec import encode_frame
+from veilstream.commands.cli import main
+from veilstream.publishing.encoding import encode_frame
 from veilstream.testing.brokers import TopicFactory
 
 from ..conftest import noise_frames

@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 from kafka import KafkaConsumer, KafkaProducer
 
-from veilstream.codec import encode_frame
+from veilstream.publishing.encoding import encode_frame
 from veilstream.testing.brokers import free_port
 
 MAX_BYTES = 20 * 1024 * 1024
@@ -154,7 +154,7 @@ class WorkerProcess:
         }
         self.handle = log.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "veilstream.cli", "--config", str(config), "worker", *args],
+            [sys.executable, "-m", "veilstream.commands.cli", "--config", str(config), "worker", *args],
             stdout=self.handle,
             stderr=subprocess.STDOUT,
             env=environment,

@@ -18,7 +18,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from veilstream.codec import Codec, Frame, publish_roundtrip
+from veilstream.decoding.images import Frame
+from veilstream.publishing.encoding import Encoded, Encoder
 from veilstream.correction.classifier import Decision, Ensemble
 
 StopCriterion = Literal["published", "float"]
@@ -34,8 +35,6 @@ class CorrectionSettings:
     time_budget_ms: float | None = 5000.0
     max_change: int = 48
     stop: StopCriterion = "published"
-    codec: Codec = "jpeg"
-    quality: int = 90
 
     def __post_init__(self) -> None:
         if self.alpha <= 0:
@@ -46,24 +45,29 @@ class CorrectionSettings:
             raise ValueError(f"time_budget_ms must be positive, got {self.time_budget_ms}")
         if not 0 <= self.max_change <= 255:
             raise ValueError(f"max_change must be within 0..255, got {self.max_change}")
-        if not 1 <= self.quality <= 100:
-            raise ValueError(f"quality must be within 1..100, got {self.quality}")
 
 
 @dataclass(frozen=True)
 class CorrectionResult:
-    """What happened to one frame. `final` is the decision on the published bytes."""
+    """What happened to one frame. `final` is the decision on `encoded`, the bytes the publish stage sends.
+
+    `elapsed_ms` is this frame's share of the batch's correction time (each check and step split evenly among
+    the frames still in it), so per-frame times add up to the batch's.
+    """
 
     original: tuple[Decision, ...]
     naive: tuple[Decision, ...]
     final: tuple[Decision, ...]
-    consistent: bool
     iterations: int
     elapsed_ms: float
     max_pixel_change: int
     stop_reason: StopReason
-    frame: Frame
-    published: bytes
+    pixels: Frame
+    encoded: Encoded
+
+    @property
+    def consistent(self) -> bool:
+        return not _changed(self.original, self.final)
 
     @property
     def naive_changed(self) -> bool:
@@ -90,9 +94,17 @@ def _to_frame(tensor: torch.Tensor) -> Frame:
 
 
 class AdaptiveCorrector:
-    def __init__(self, ensemble: Ensemble, settings: CorrectionSettings, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        ensemble: Ensemble,
+        settings: CorrectionSettings,
+        device: torch.device | str = "cpu",
+        *,
+        encoder: Encoder | None = None,
+    ) -> None:
         self.ensemble = ensemble
         self.settings = settings
+        self.encoder = encoder or Encoder()
         self.device = torch.device(device)
         self.step = settings.alpha * ensemble.pixels_per_unit
 
@@ -123,50 +135,57 @@ class AdaptiveCorrector:
         high = [(a + settings.max_change).clamp_max(255) for a in anon]
         current = [a.clone() for a in anon]
         iterations = [0] * len(anon)
+        spent_ms = [(time.perf_counter() - start) * 1000 / len(anon)] * len(anon)  # the reference, shared
         results: dict[int, CorrectionResult] = {}
         naive: dict[int, tuple[Decision, ...]] = {}
         active = list(range(len(anon)))
         last_step_ms = 0.0
 
-        def finish(i: int, reason: StopReason, published: tuple[bytes, Frame, tuple[Decision, ...]]) -> None:
-            data, pixels, final = published
+        def share(indices: Sequence[int], since: float) -> None:
+            each = (time.perf_counter() - since) * 1000 / len(indices)
+            for i in indices:
+                spent_ms[i] += each
+
+        def finish(i: int, reason: StopReason, checked: tuple[Encoded, tuple[Decision, ...]]) -> None:
+            encoded, final = checked
             results[i] = CorrectionResult(
                 original=self.ensemble.describe(reference, reference_confidence, i),
                 naive=naive[i],
                 final=final,
-                consistent=not _changed(self.ensemble.describe(reference, reference_confidence, i), final),
                 iterations=iterations[i],
-                elapsed_ms=(time.perf_counter() - start) * 1000,
+                elapsed_ms=spent_ms[i],
                 max_pixel_change=int((current[i].round() - anon[i]).abs().max()),
                 stop_reason=reason,
-                frame=pixels,
-                published=data,
+                pixels=_to_frame(current[i]),
+                encoded=encoded,
             )
 
         while active:
-            published = self._publish([current[i] for i in active])
+            check_start = time.perf_counter()
+            checked = self._check([current[i] for i in active])
             if not naive:
-                naive = {i: p[2] for i, p in zip(active, published, strict=True)}
+                naive = {i: c[1] for i, c in zip(active, checked, strict=True)}
             if settings.stop == "published":
                 agree = [
-                    not _changed(self.ensemble.describe(reference, reference_confidence, i), p[2])
-                    for i, p in zip(active, published, strict=True)
+                    not _changed(self.ensemble.describe(reference, reference_confidence, i), c[1])
+                    for i, c in zip(active, checked, strict=True)
                 ]
             else:
                 decisions, _ = self.ensemble.decide([current[i] for i in active])
                 agree = [bool((decisions[:, k] == reference[:, i]).all()) for k, i in enumerate(active)]
+            share(active, check_start)
             elapsed_ms = (time.perf_counter() - start) * 1000
             out_of_time = settings.time_budget_ms is not None and elapsed_ms + last_step_ms > settings.time_budget_ms
             still: list[int] = []
-            for i, ok, p in zip(active, agree, published, strict=True):
+            for i, ok, c in zip(active, agree, checked, strict=True):
                 if ok:
-                    finish(i, "already_consistent" if iterations[i] == 0 else "corrected", p)
+                    finish(i, "already_consistent" if iterations[i] == 0 else "corrected", c)
                 elif not bool(region[i].any()):
-                    finish(i, "no_region", p)  # nothing may change, so nothing can be corrected
+                    finish(i, "no_region", c)  # nothing may change, so nothing can be corrected
                 elif iterations[i] >= settings.max_iterations:
-                    finish(i, "iteration_budget", p)
+                    finish(i, "iteration_budget", c)
                 elif out_of_time:
-                    finish(i, "time_budget", p)
+                    finish(i, "time_budget", c)
                 else:
                     still.append(i)
             active = still
@@ -176,17 +195,15 @@ class AdaptiveCorrector:
             self._step(active, current, region, low, high, reference)
             for i in active:
                 iterations[i] += 1
+            share(active, step_start)
             last_step_ms = (time.perf_counter() - step_start) * 1000
         return [results[i] for i in range(len(anon))]
 
-    def _publish(self, frames: Sequence[torch.Tensor]) -> list[tuple[bytes, Frame, tuple[Decision, ...]]]:
-        """Round, encode and decode each frame; the decisions are on the decoded pixels."""
-        encoded = [publish_roundtrip(_to_frame(f), self.settings.codec, self.settings.quality) for f in frames]
-        decisions, confidences = self.ensemble.decide([_to_tensor(decoded, self.device) for _, decoded in encoded])
-        return [
-            (data, _to_frame(frame), self.ensemble.describe(decisions, confidences, k))
-            for k, ((data, _), frame) in enumerate(zip(encoded, frames, strict=True))
-        ]
+    def _check(self, frames: Sequence[torch.Tensor]) -> list[tuple[Encoded, tuple[Decision, ...]]]:
+        """Round and encode each frame as the publish stage will; the decisions are on the decoded bytes."""
+        encoded = [self.encoder.roundtrip(_to_frame(f)) for f in frames]
+        decisions, confidences = self.ensemble.decide([_to_tensor(e.decoded, self.device) for e in encoded])
+        return [(e, self.ensemble.describe(decisions, confidences, k)) for k, e in enumerate(encoded)]
 
     def _step(
         self,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from veilstream.config import AnonymizerConfig, ClassifierConfig, CorrectionConfig, PublishConfig
-from veilstream.correction.anonymizers import Anonymizer, GaussianBlur, Pixelate, SolidMask
+from veilstream.config import AnonymizerConfig, ClassifierConfig, CorrectionConfig
+from veilstream.anonymizers.filters import Anonymizer, GaussianBlur, Pixelate, SolidMask
 from veilstream.correction.classifier import (
     Classifier,
     Ensemble,
@@ -67,13 +67,11 @@ def build_anonymizer(config: AnonymizerConfig) -> Anonymizer:
     return SolidMask(value=config.value)
 
 
-def correction_settings(correction: CorrectionConfig, publish: PublishConfig) -> CorrectionSettings:
+def correction_settings(correction: CorrectionConfig) -> CorrectionSettings:
     return CorrectionSettings(
         alpha=correction.alpha,
         max_iterations=correction.max_iterations if correction.enabled else 0,
         time_budget_ms=correction.time_budget_ms,
         max_change=correction.max_change,
         stop=correction.stop,
-        codec=publish.codec,
-        quality=publish.quality,
     )

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from veilstream.correction.classifier import Classifier
-from veilstream.correction.regions import Region
+from veilstream.anonymizers.regions import Region
 
 
 def salient_window(classifier: Classifier, frame: torch.Tensor, size: int = 50) -> Region:

@@ -71,7 +71,6 @@ class DetectorConfig(BaseModel):
     merge_iou: float = Field(default=0.3, ge=0.0, le=1.0)
     # Frames whose longest side exceeds this are detected on a downscaled copy; None disables.
     max_side: int | None = Field(default=1920, ge=32)
-    device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
 
 
 def build_backend(config: BackendConfig, device: str = "cpu") -> Detector:
@@ -93,11 +92,11 @@ def build_backend(config: BackendConfig, device: str = "cpu") -> Detector:
     )
 
 
-def build_detector(config: DetectorConfig | None = None) -> CombinedDetector:
-    """A `CombinedDetector` for `config` (default: CenterFace faces + pyplatex YOLO plates)."""
+def build_detector(config: DetectorConfig | None = None, device: str = "cpu") -> CombinedDetector:
+    """A `CombinedDetector` for `config` (default: CenterFace faces + pyplatex YOLO plates) on `device`."""
     config = config or DetectorConfig()
     return CombinedDetector(
-        [build_backend(backend, config.device) for backend in config.backends],
+        [build_backend(backend, device) for backend in config.backends],
         padding=config.padding,
         merge_iou=config.merge_iou,
         max_side=config.max_side,

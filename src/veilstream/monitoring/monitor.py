@@ -9,7 +9,7 @@ not caught up in time). Without `--once` it refreshes a table per camera and ove
 when `rich` is installed and the output is a terminal, else a plain reprint) until Ctrl-C or `--duration`,
 and exits as `--once` would for the last snapshot shown.
 
-Intended CLI (the wiring lives in `veilstream.cli`)::
+Intended CLI (the wiring lives in `veilstream.commands.cli`)::
 
     veilstream monitor [--bootstrap HOST:PORT] [--metrics-topic T] [--dlq-topic T | --no-dlq]
         [--window SECONDS | --from-beginning] [--once] [--json] [--group GROUP]

@@ -6,7 +6,7 @@ throughput over time, naive vs final decision changes over time (cumulative), la
 time, a histogram of correction iterations, and a per-worker table (from the aggregate records; the only
 place dead letters appear, since the metrics topic carries no dead-letter messages).
 
-Intended CLI (the wiring lives in `veilstream.cli`)::
+Intended CLI (the wiring lives in `veilstream.commands.cli`)::
 
     veilstream report (--input metrics.jsonl | --bootstrap HOST:PORT --topic T) --out DIR
         [--since WHEN] [--until WHEN] [--title TEXT] [--timeout SECONDS]

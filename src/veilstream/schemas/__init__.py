@@ -1,4 +1,4 @@
-"""Versioned message contracts: Kafka headers of input, output and dead-letter frames, and metrics records.
+"""Versioned contracts: Kafka headers of input, output and dead-letter frames, and the frame and aggregate records.
 
 The Python types here are the source of truth; the JSON Schema files beside them are generated from them
 (`python -m veilstream.schemas.export`) and a test keeps the two identical.
@@ -6,22 +6,30 @@ The Python types here are the source of truth; the JSON Schema files beside them
 
 from veilstream.schemas.messages import (
     SCHEMA_VERSION,
-    AggregateMetrics,
     DeadLetterHeaders,
-    DecisionRecord,
-    FrameMetrics,
     InputFrameHeaders,
     OutputFrameHeaders,
     decode_headers,
     encode_headers,
 )
+from veilstream.schemas.records import (
+    RECORD_VERSION,
+    AggregateRecord,
+    DecisionRecord,
+    DetectionRecord,
+    Figures,
+    FrameRecord,
+)
 
 __all__ = [
+    "RECORD_VERSION",
     "SCHEMA_VERSION",
-    "AggregateMetrics",
+    "AggregateRecord",
     "DeadLetterHeaders",
     "DecisionRecord",
-    "FrameMetrics",
+    "DetectionRecord",
+    "Figures",
+    "FrameRecord",
     "InputFrameHeaders",
     "OutputFrameHeaders",
     "decode_headers",

@@ -8,20 +8,15 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from veilstream.schemas.messages import (
-    AggregateMetrics,
-    DeadLetterHeaders,
-    FrameMetrics,
-    InputFrameHeaders,
-    OutputFrameHeaders,
-)
+from veilstream.schemas.messages import DeadLetterHeaders, InputFrameHeaders, OutputFrameHeaders
+from veilstream.schemas.records import AggregateRecord, FrameRecord
 
 SCHEMAS: dict[str, type[BaseModel]] = {
     "input-frame-headers": InputFrameHeaders,
     "output-frame-headers": OutputFrameHeaders,
     "dead-letter-headers": DeadLetterHeaders,
-    "metrics-frame": FrameMetrics,
-    "metrics-aggregate": AggregateMetrics,
+    "frame-record": FrameRecord,
+    "aggregate-record": AggregateRecord,
 }
 
 

@@ -1,8 +1,7 @@
 """Message contracts (schema version 1).
 
 Kafka headers are (name, bytes) pairs; each header model lists its header names as field aliases
-(`camera-id`, ...), values UTF-8 text. Metrics records are JSON objects on the metrics topic, told apart by
-`type` ("frame" or "aggregate").
+(`camera-id`, ...), values UTF-8 text. The frame and aggregate records are in `records`.
 """
 
 from __future__ import annotations
@@ -45,13 +44,17 @@ class OutputFrameHeaders(_Headers):
     source_topic: str = Field(alias="source-topic")
     source_partition: int = Field(alias="source-partition")
     source_offset: int = Field(alias="source-offset")
-    original_decision: str = Field(alias="original-decision", description="labels joined with '|', per classifier")
-    final_decision: str = Field(alias="final-decision", description="decision on these published bytes")
-    consistent: bool = Field(alias="consistent")
-    iterations: int = Field(alias="iterations")
+    original_decision: str | None = Field(
+        None, alias="original-decision", description="labels joined with '|', per classifier (absent: no correction)"
+    )
+    final_decision: str | None = Field(None, alias="final-decision", description="decision on these published bytes")
+    consistent: bool | None = Field(None, alias="consistent")
+    iterations: int = Field(0, alias="iterations")
     faces: int = Field(alias="faces")
     plates: int = Field(alias="plates")
-    flagged: bool = Field(alias="flagged", description="inconsistent, or an anonymized object found again")
+    flagged: bool = Field(alias="flagged", description="masked, inconsistent, or an anonymized object found again")
+    outcome: str = Field("published", alias="outcome", description="published, or masked (a failed frame, grey)")
+    reason: str | None = Field(None, alias="reason", description="why a masked frame failed")
 
 
 class DeadLetterHeaders(_Headers):
@@ -64,77 +67,6 @@ class DeadLetterHeaders(_Headers):
     source_partition: int = Field(alias="source-partition")
     source_offset: int = Field(alias="source-offset")
     camera_id: str | None = Field(None, alias="camera-id")
-
-
-class DecisionRecord(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    classifier: str
-    index: int
-    label: str
-    confidence: float
-
-
-class FrameMetrics(BaseModel):
-    """One record per processed frame on the metrics topic."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    type: Literal["frame"] = "frame"
-    schema_version: str = SCHEMA_VERSION
-    worker: str
-    time: datetime
-    camera_id: str
-    sequence: int | None = None
-    capture_time: datetime | None = None
-    source_topic: str
-    source_partition: int
-    source_offset: int
-    faces: int
-    plates: int
-    residual_faces: int
-    residual_plates: int
-    original: list[DecisionRecord]
-    naive: list[DecisionRecord]
-    final: list[DecisionRecord]
-    naive_changed: bool
-    consistent: bool
-    budget_exhausted: bool
-    stop_reason: str
-    iterations: int
-    max_pixel_change: int
-    latency_ms: float = Field(
-        description="from the worker receiving the frame's batch to handing its output to the producer "
-        "(veilstream_frame_latency_seconds also counts the broker's acknowledgement)"
-    )
-    stage_ms: dict[str, float]
-    ground_truth: str | None = None
-
-
-class AggregateMetrics(BaseModel):
-    """A periodic summary of the frames one worker processed in a window."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    type: Literal["aggregate"] = "aggregate"
-    schema_version: str = SCHEMA_VERSION
-    worker: str
-    window_start: datetime
-    window_end: datetime
-    frames: int
-    dead_letters: int
-    naive_changed: int
-    final_changed: int
-    budget_exhausted: int
-    residual_detections: int
-    mean_iterations: float | None
-    p95_iterations: float | None
-    p50_latency_ms: float | None
-    p95_latency_ms: float | None
-    frames_per_second: float
-    labelled_frames: int = Field(description="frames that carried a ground-truth class")
-    accuracy_original: float | None = None
-    accuracy_published: float | None = None
 
 
 M = TypeVar("M", bound=_Headers)

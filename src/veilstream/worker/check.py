@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the HTTP probe runs every few seconds: it must not import torch, cv2 or the models
-    from veilstream.codec import Frame
+    from veilstream.decoding.images import Frame
     from veilstream.config import VeilstreamConfig
     from veilstream.pipeline import FoundRegions
 
@@ -87,7 +87,7 @@ class _CentreRegion:
     something and the correction (gradients on the configured device) runs even on a frame without faces."""
 
     def find(self, frames: Sequence[Frame]) -> list[FoundRegions]:
-        from veilstream.correction.regions import Region
+        from veilstream.anonymizers.regions import Region
         from veilstream.pipeline import FoundRegions
 
         return [
@@ -111,7 +111,7 @@ def check_models(config: VeilstreamConfig | Path | str | None = None) -> int:
     `VEILSTREAM__...` environment overrides apply when it is read here. The worker's budget rule
     (`check_budgets`) is checked too, since the worker refuses to start without it.
     """
-    from veilstream.codec import decode_frame
+    from veilstream.decoding.images import decode_frame
     from veilstream.config import check_budgets
     from veilstream.errors import VeilstreamError
     from veilstream.factory import build_pipeline

@@ -27,7 +27,8 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from veilstream.codec import DecodeLimits, encode_frame
+from veilstream.decoding.images import DecodeLimits
+from veilstream.publishing.encoding import encode_frame
 from veilstream.config import VeilstreamConfig
 from veilstream.errors import FrameError, StageError
 from veilstream.pipeline import FrameOutcome, Pipeline

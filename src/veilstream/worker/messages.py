@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from veilstream.codec import CONTENT_TYPES, Codec, DecodeLimits, Frame, decode_frame
+from veilstream.decoding.images import DecodeLimits, Frame, decode_frame
+from veilstream.publishing.encoding import CONTENT_TYPES, Codec
 from veilstream.correction.classifier import Decision
 from veilstream.errors import DecodeError, FrameError, FrameRejected
 from veilstream.pipeline import FrameOutcome

@@ -62,7 +62,6 @@ class WorkerConfig(_Strict):
     metrics_topic: str = "veilstream-metrics"
     dlq_topic: str = "frames-dead-letter"
     group_id: str = "veilstream"
-    batch_size: int = Field(8, ge=1, le=256)
     batch_timeout_ms: int = Field(500, ge=1, description="wait at most this long to fill a batch")
     max_frame_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="larger messages are dead-lettered")
     max_message_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="producer/consumer transport limit")
@@ -72,9 +71,6 @@ class WorkerConfig(_Strict):
     delivery_timeout_ms: int = Field(60_000, ge=1000, description="a batch's outputs must be acknowledged by then")
     shutdown_timeout_s: float = Field(20.0, gt=0, description="bound on finishing the batch in flight at SIGTERM")
     retry_backoff_s: float = Field(2.0, ge=0, description="wait before reprocessing a batch whose outputs failed")
-    residual_action: Literal["flag", "mask_frame", "drop"] = Field(
-        "flag", description="when an anonymized object is detected again on the published frame"
-    )
     http_host: str = "0.0.0.0"
     http_port: int = Field(8080, ge=0, le=65535)
     aggregate_interval_s: float = Field(10.0, gt=0)

@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from veilstream.codec import DecodeLimits, Frame, decode_frame
+from veilstream.decoding.images import DecodeLimits, Frame, decode_frame
 from veilstream.errors import FrameError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})

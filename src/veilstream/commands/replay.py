@@ -16,9 +16,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from veilstream.codec import CONTENT_TYPES, encode_frame, sniff_codec
+from veilstream.decoding.images import sniff_codec
+from veilstream.publishing.encoding import CONTENT_TYPES, encode_frame
 from veilstream.errors import ConfigError
-from veilstream.sources import IMAGE_SUFFIXES, VIDEO_SUFFIXES, iter_video, video_info
+from veilstream.decoding.files import IMAGE_SUFFIXES, VIDEO_SUFFIXES, iter_video, video_info
 
 RateMode = Literal["recorded", "max", "fixed"]
 MANIFEST_SUFFIXES = frozenset({".csv", ".jsonl"})

@@ -11,11 +11,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from veilstream.codec import DecodeLimits
+from veilstream.decoding.images import DecodeLimits
 from veilstream.config import VeilstreamConfig
 from veilstream.correction.corrector import AdaptiveCorrector, CorrectionSettings, StopCriterion
 from veilstream.pipeline import FrameOutcome, Pipeline
-from veilstream.sources import InputFailure, SourceFrame, iter_frames
+from veilstream.decoding.files import InputFailure, SourceFrame, iter_frames
 from veilstream.stats import json_safe, summarize_frames
 
 

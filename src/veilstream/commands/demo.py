@@ -26,10 +26,10 @@ import numpy as np
 import yaml
 from kafka import KafkaConsumer, KafkaProducer
 
-from veilstream.codec import decode_frame
-from veilstream.replay import Pacer, ReplayItem, replay, video_items
+from veilstream.decoding.images import decode_frame
+from veilstream.commands.replay import Pacer, ReplayItem, replay, video_items
 from veilstream.stats import mean, percentile
-from veilstream.testing.brokers import TansuBroker, create_topics, free_port
+from veilstream.commands.embedded_broker import TansuBroker, create_topics, free_port
 
 TOPICS = {
     "input": "frames",
@@ -74,7 +74,7 @@ def _worker(config: Path, port: int, log: Path, timeout: float = 180.0) -> Itera
     env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0"}
     with log.open("ab") as handle:
         process = subprocess.Popen(
-            [sys.executable, "-m", "veilstream.cli", "--config", str(config), "worker"],
+            [sys.executable, "-m", "veilstream.commands.cli", "--config", str(config), "worker"],
             stdout=handle,
             stderr=subprocess.STDOUT,
             env=env,

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from veilstream.config import VeilstreamConfig
 from veilstream.errors import ConfigError
-from veilstream.replay import ManifestError, Pacer, ReplayItem, interleave, replay, source_items
+from veilstream.commands.replay import ManifestError, Pacer, ReplayItem, interleave, replay, source_items
 
 MAX_REQUEST_BYTES = 20 * 1024 * 1024
 

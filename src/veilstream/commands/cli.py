@@ -172,7 +172,7 @@ def _check(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import os
 
-    from veilstream.demo import format_summary, run_demo
+    from veilstream.commands.demo import format_summary, run_demo
 
     media = Path(os.environ.get("VEILSTREAM_MEDIA", Path.home() / ".cache" / "veilstream" / "media"))
     video = args.video or media / "vtest.avi"
@@ -190,7 +190,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace, config: VeilstreamConfig) -> int:
-    from veilstream.replay_cli import run_replay
+    from veilstream.commands.replay_cli import run_replay
 
     return run_replay(args, config)
 
@@ -223,7 +223,7 @@ def _worker(args: argparse.Namespace, config: VeilstreamConfig) -> int:
 
 
 def _anonymize(args: argparse.Namespace, config: VeilstreamConfig) -> int:
-    from veilstream.anonymization import Anonymizer
+    from veilstream.commands.anonymize import Anonymizer
     from veilstream.factory import build_pipeline
 
     report = Anonymizer(build_pipeline(config), config, args.out, progress=not args.no_progress).run(
@@ -247,7 +247,7 @@ def _anonymize(args: argparse.Namespace, config: VeilstreamConfig) -> int:
 
 
 def _eval(args: argparse.Namespace, config: VeilstreamConfig) -> int:
-    from veilstream.evaluation import EvalRun, format_table, run_eval
+    from veilstream.commands.evaluate import EvalRun, format_table, run_eval
     from veilstream.factory import build_pipeline
 
     pipeline = build_pipeline(config, args.region, args.size, args.paper_blur)

@@ -1,4 +1,4 @@
-"""Image encoding and defensive decoding of frames (RGB uint8, HxWx3)."""
+"""Defensive decoding of image bytes into frames (RGB uint8, HxWx3): bombs and junk are refused before pixels."""
 
 from __future__ import annotations
 
@@ -14,12 +14,8 @@ from PIL import Image
 
 from veilstream.errors import DecodeError, FrameRejected
 
-Codec = Literal["jpeg", "png", "webp"]
 Frame = npt.NDArray[np.uint8]
-
-_EXTENSIONS: dict[str, str] = {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}
-_PIL_FORMATS: dict[str, Codec] = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
-CONTENT_TYPES: dict[Codec, str] = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+ImageFormat = Literal["jpeg", "png", "webp"]
 
 
 @dataclass(frozen=True)
@@ -30,23 +26,7 @@ class DecodeLimits:
     max_pixels: int = 40_000_000  # 8K is 33 Mpx
 
 
-def encode_frame(frame: Frame, codec: Codec = "jpeg", quality: int = 90) -> bytes:
-    """Encode an RGB frame. `quality` is JPEG/WebP quality (1-100); PNG ignores it (lossless)."""
-    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
-        raise ValueError(f"expected HxWx3 uint8 RGB, got shape {frame.shape} dtype {frame.dtype}")
-    bgr = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
-    params: list[int] = []
-    if codec == "jpeg":
-        params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
-    elif codec == "webp":
-        params = [cv2.IMWRITE_WEBP_QUALITY, int(quality)]
-    ok, buffer = cv2.imencode(_EXTENSIONS[codec], bgr, params)
-    if not ok:
-        raise ValueError(f"OpenCV could not encode a {frame.shape} frame as {codec}")
-    return bytes(buffer.tobytes())
-
-
-def sniff_codec(data: bytes) -> Codec | None:
+def sniff_codec(data: bytes) -> ImageFormat | None:
     """The codec named by the magic bytes, or None."""
     if data[:3] == b"\xff\xd8\xff":
         return "jpeg"
@@ -57,7 +37,7 @@ def sniff_codec(data: bytes) -> Codec | None:
     return None
 
 
-def decode_frame(data: bytes, limits: DecodeLimits | None = None, expected: Codec | None = None) -> Frame:
+def decode_frame(data: bytes, limits: DecodeLimits | None = None, expected: ImageFormat | None = None) -> Frame:
     """Decode image bytes to RGB uint8, refusing bombs and junk before decoding pixels.
 
     Raises DecodeError (not an image, truncated) or FrameRejected (outside `limits`, wrong type).
@@ -96,13 +76,3 @@ def decode_frame(data: bytes, limits: DecodeLimits | None = None, expected: Code
 def _jpeg_is_complete(data: bytes) -> bool:
     # OpenCV fills a truncated JPEG with grey and reports success; the EOI marker tells the truth.
     return data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
-
-
-def publish_roundtrip(frame: Frame, codec: Codec, quality: int) -> tuple[bytes, Frame]:
-    """What a consumer of the published bytes sees: encode, then decode again."""
-    data = encode_frame(frame, codec, quality)
-    bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError(f"OpenCV could not decode the {codec} it just encoded")
-    rgb: Frame = np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-    return data, rgb

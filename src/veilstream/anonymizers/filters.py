@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from veilstream.correction.regions import Region
+from veilstream.anonymizers.regions import Region
 
 
 class Anonymizer(Protocol):

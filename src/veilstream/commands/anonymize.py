@@ -14,11 +14,11 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from veilstream.codec import DecodeLimits, decode_frame
+from veilstream.decoding.images import DecodeLimits, decode_frame
 from veilstream.config import VeilstreamConfig
 from veilstream.errors import FrameError
 from veilstream.pipeline import FrameOutcome, Pipeline
-from veilstream.sources import VIDEO_SUFFIXES, SourceFrame, expand_inputs, iter_video, video_info
+from veilstream.decoding.files import VIDEO_SUFFIXES, SourceFrame, expand_inputs, iter_video, video_info
 from veilstream.stats import json_safe
 
 _EXTENSIONS = {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}

@@ -1,0 +1,1 @@
+"""Anonymize stage: hide the found regions of a frame (blur, pixelate, mask)."""

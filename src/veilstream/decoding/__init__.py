@@ -1,0 +1,1 @@
+"""Decode stage: bytes and files into frames, refusing junk with typed errors."""
