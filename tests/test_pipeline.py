@@ -11,7 +11,8 @@ from veilstream.anonymizers.filters import SolidMask
 from veilstream.correction.classifier import Ensemble
 from veilstream.correction.corrector import AdaptiveCorrector, CorrectionSettings
 from veilstream.decoding.images import Frame, decode_frame
-from veilstream.detectors.base import Detection
+from veilstream.detectors.base import Detection, Kind
+from veilstream.detectors.combined import CombinedDetector
 from veilstream.detectors.finders import DetectorRegionFinder, residual_detections
 from veilstream.outcome import Dropped, Masked, Published
 from veilstream.pipeline import FailurePolicy, OnFailure, Pipeline, ResidualCheck
@@ -173,3 +174,29 @@ def test_faces_and_plates_are_counted(count: int) -> None:
     boxes = [BOX, Detection(70, 40, 90, 50, 0.5, "plate")][:count]
     outcome = _pipeline(ScriptedDetector(boxes)).process(noise_frames(1, seed=7))[0]
     assert (outcome.faces, outcome.plates) == ((1, 1) if count else (0, 0))
+
+
+class KindBackend:
+    """A backend of one kind that counts the frames it is given."""
+
+    def __init__(self, kind: Kind, box: Detection) -> None:
+        self.kinds = frozenset({kind})
+        self.box = box
+        self.frames_seen = 0
+
+    def detect(self, frames: Sequence[Frame]) -> list[list[Detection]]:
+        self.frames_seen += len(frames)
+        return [[self.box] for _ in frames]
+
+
+def test_leak_check_runs_only_the_backends_of_the_anonymized_kinds() -> None:
+    faces = KindBackend("face", BOX)
+    plates = KindBackend("plate", Detection(70, 40, 90, 50, 0.5, "plate"))
+    detector = CombinedDetector([faces, plates], padding={})
+    pipeline = _pipeline(ScriptedDetector([BOX]), residual="flag", correct=False)
+    pipeline.leak_detector = detector
+    (outcome,) = pipeline.process(noise_frames(1, seed=6))
+    assert faces.frames_seen == 1, "the face was anonymized: faces are looked for again"
+    assert plates.frames_seen == 0, "no plate was anonymized: the plate backend does not run"
+    assert [d.kind for d in outcome.residual] == ["face"]
+    assert detector.detect_kinds(noise_frames(1, seed=6), None) == detector.detect(noise_frames(1, seed=6))

@@ -1,18 +1,20 @@
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from veilstream.decoding.images import DecodeLimits
+from veilstream.detectors.base import Detection
+from veilstream.errors import FrameError, FrameRejected
+from veilstream.outcome import Dropped, Masked, Published
 from veilstream.publishing.encoding import encode_frame
-from veilstream.errors import FrameRejected
+from veilstream.publishing.records import frame_record
+from veilstream.runner import KafkaLineage, Origin
 from veilstream.schemas import InputFrameHeaders, OutputFrameHeaders, decode_headers, encode_headers
 from veilstream.schemas.export import SCHEMAS, render
-from veilstream.schemas.messages import DecisionRecord, FrameMetrics
+from veilstream.schemas.records import FrameRecord
 from veilstream.worker.messages import Lineage, parse_record
-from veilstream.worker.metrics import AggregateWindow
 
 from .conftest import noise_frames
 
@@ -68,51 +70,25 @@ def test_input_headers_take_the_camera_from_the_key() -> None:
     ).capture_time
 
 
-def _metrics(label: str, final: str, truth: str | None, iterations: int, latency: float) -> FrameMetrics:
-    def decision(name: str) -> list[DecisionRecord]:
-        return [DecisionRecord(classifier="c", index=0, label=name, confidence=0.5)]
-
-    return FrameMetrics(
-        worker="w",
-        time=datetime.now(UTC),
-        camera_id="cam",
-        source_topic="t",
-        source_partition=0,
-        source_offset=0,
-        faces=1,
-        plates=0,
-        residual_faces=0,
-        residual_plates=0,
-        original=decision(label),
-        naive=decision(label),
-        final=decision(final),
-        naive_changed=False,
-        consistent=label == final,
-        budget_exhausted=label != final,
-        stop_reason="corrected",
-        iterations=iterations,
-        max_pixel_change=3,
-        latency_ms=latency,
-        stage_ms={},
-        ground_truth=truth,
+def test_frame_records_of_each_outcome() -> None:
+    box = Detection(1, 2, 30, 40, 0.9, "face")
+    origin = Origin("cam", 4, kafka=KafkaLineage("frames", 1, 7, b"cam", b"raw", (("camera-id", b"cam"),)))
+    dropped = frame_record(origin, Dropped((box,), (), {"detect": 2.0}, FrameError("detect_failed", "boom")), "w")
+    assert (dropped.outcome, dropped.reason, dropped.flagged, dropped.corrected) == (
+        "dropped",
+        "detect_failed",
+        True,
+        False,
     )
-
-
-def test_aggregate_window_figures() -> None:
-    window = AggregateWindow("w", started=100.0)
-    window.add(_metrics("car", "car", "car", 0, 10))
-    window.add(_metrics("car", "car", "van", 2, 20))
-    window.add(_metrics("bus", "truck", "bus", 4, 30))
-    window.add(_metrics("van", "van", None, 0, 40))
-    window.dead_letters = 2
-    aggregate = window.close(now=102.0)
-    assert aggregate.frames == 4
-    assert aggregate.final_changed == 1
-    assert aggregate.budget_exhausted == 1
-    assert aggregate.dead_letters == 2
-    assert aggregate.mean_iterations == pytest.approx(3.0)
-    assert aggregate.p50_latency_ms == pytest.approx(25.0)
-    assert aggregate.frames_per_second == pytest.approx(2.0)
-    assert aggregate.labelled_frames == 3
-    assert aggregate.accuracy_original == pytest.approx(2 / 3)
-    assert aggregate.accuracy_published == pytest.approx(1 / 3)
+    assert (dropped.faces, dropped.source_offset, dropped.published_bytes) == (1, 7, None)
+    assert dropped.latency_ms == 2.0, "without a queue, a frame's latency is its own time in the stages"
+    masked = frame_record(origin, Masked((box,), (box,), {}, b"grey", FrameError("residual_detection", "1")), "w", 9.0)
+    assert (masked.outcome, masked.published_bytes, masked.residual_faces, masked.latency_ms) == ("masked", 4, 1, 9.0)
+    published = frame_record(Origin("file.jpg", source="in/file.jpg"), Published((), (), {}, b"jpeg"), "anonymize")
+    assert (published.outcome, published.flagged, published.consistent, published.original) == (
+        "published",
+        False,
+        None,
+        [],
+    )
+    assert FrameRecord.model_validate_json(published.model_dump_json()) == published

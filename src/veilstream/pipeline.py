@@ -21,6 +21,7 @@ from veilstream.anonymizers.regions import region_mask
 from veilstream.correction.corrector import AdaptiveCorrector, CorrectionResult
 from veilstream.decoding.images import Frame
 from veilstream.detectors.base import Detection, Detector
+from veilstream.detectors.combined import CombinedDetector
 from veilstream.detectors.finders import FoundRegions, RegionFinder, residual_detections
 from veilstream.errors import FrameError, StageError
 from veilstream.outcome import Dropped, FrameOutcome, Masked, Published
@@ -121,7 +122,10 @@ class Pipeline:
             anonymized.append(anon)
             masks.append(mask)
         count = max(1, len(frames))
-        timings = {"detect": (detected - start) * 1000 / count, "anonymize": (time.perf_counter() - detected) * 1000 / count}
+        timings = {
+            "detect": (detected - start) * 1000 / count,
+            "anonymize": (time.perf_counter() - detected) * 1000 / count,
+        }
         return Prepared(list(frames), found, anonymized, masks, timings)
 
     def _anonymize(self, frame: Frame, found: FoundRegions) -> tuple[Frame, npt.NDArray[np.bool_]]:
@@ -203,7 +207,7 @@ class Pipeline:
         residual: dict[int, tuple[Detection, ...] | FrameError] = {}
         try:
             frames = [e.decoded if e.decoded is not None else _decode(e.data) for _, e in checked]
-            found_again = self.leak_detector.detect(frames)
+            found_again = self._detect_again(frames, [prepared.found[i] for i, _ in checked])
             for (i, _), again in zip(checked, found_again, strict=True):
                 found = prepared.found[i]
                 assert isinstance(found, FoundRegions)
@@ -214,6 +218,14 @@ class Pipeline:
         for i, _ in checked:
             stages[i]["residual_check"] = each
         return residual
+
+    def _detect_again(self, frames: list[Frame], found: list[FoundRegions | FrameError]) -> list[list[Detection]]:
+        """Only the kinds anonymized in a frame are looked for again: only those can be residual."""
+        assert self.leak_detector is not None
+        if isinstance(self.leak_detector, CombinedDetector):
+            kinds = [{d.kind for d in f.detections} if isinstance(f, FoundRegions) else set() for f in found]
+            return self.leak_detector.detect_kinds(frames, kinds)
+        return self.leak_detector.detect(frames)
 
     def _outcome(
         self,

@@ -18,9 +18,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from veilstream.correction.classifier import Decision, Ensemble
 from veilstream.decoding.images import Frame
 from veilstream.publishing.encoding import Encoded, Encoder
-from veilstream.correction.classifier import Decision, Ensemble
 
 StopCriterion = Literal["published", "float"]
 StopReason = Literal["already_consistent", "corrected", "iteration_budget", "time_budget", "no_region"]

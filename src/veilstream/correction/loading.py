@@ -5,8 +5,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from veilstream.config import AnonymizerConfig, ClassifierConfig, CorrectionConfig
 from veilstream.anonymizers.filters import Anonymizer, GaussianBlur, Pixelate, SolidMask
+from veilstream.config import AnonymizerConfig, ClassifierConfig, CorrectionConfig
 from veilstream.correction.classifier import (
     Classifier,
     Ensemble,

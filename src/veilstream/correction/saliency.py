@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from veilstream.correction.classifier import Classifier
 from veilstream.anonymizers.regions import Region
+from veilstream.correction.classifier import Classifier
 
 
 def salient_window(classifier: Classifier, frame: torch.Tensor, size: int = 50) -> Region:

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from veilstream.detectors.base import Detection, Frame, check_frames
+from veilstream.detectors.base import Detection, Frame, Kind, check_frames
 from veilstream.detectors.weights import DEFAULT_FACE_WEIGHTS, loading, resolve_weights
 from veilstream.errors import ModelLoadError
 
@@ -217,6 +217,8 @@ class CenterFaceDetector:
     in a batch run as one onnxruntime batch. `threads` caps onnxruntime's intra-op threads (None = its
     default, one per core).
     """
+
+    kinds: frozenset[Kind] = frozenset({"face"})
 
     def __init__(
         self,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 
 import cv2
 import numpy as np
@@ -79,20 +79,33 @@ class CombinedDetector:
 
     def detect(self, frames: Sequence[Frame]) -> list[list[Detection]]:
         """Post-processed detections of every detector, one list per frame."""
+        return self.detect_kinds(frames, None)
+
+    def detect_kinds(self, frames: Sequence[Frame], kinds: Sequence[Set[Kind]] | None) -> list[list[Detection]]:
+        """Like `detect`, but a backend that declares its `kinds` runs only on the frames that want one of them.
+
+        Merging joins same-kind boxes only, so a frame's boxes of a wanted kind are the same as with `detect`.
+        """
         check_frames(frames)
         if not frames:
             return []
+        if kinds is not None and len(kinds) != len(frames):
+            raise ValueError(f"{len(kinds)} kind sets for {len(frames)} frames")
         factors = [downscale_factor(f.shape[1], f.shape[0], self.max_side) for f in frames]
         inputs = [
             frame if factor == 1.0 else _resize(frame, factor) for frame, factor in zip(frames, factors, strict=True)
         ]
         raw: list[list[Detection]] = [[] for _ in frames]
         for detector in self.detectors:
-            found = detector.detect(inputs)
-            if len(found) != len(frames):
-                raise RuntimeError(f"{type(detector).__name__} returned {len(found)} results for {len(frames)} frames")
-            for per_frame, detections in zip(raw, found, strict=True):
-                per_frame.extend(detections)
+            offered: Set[Kind] | None = getattr(detector, "kinds", None)
+            wanted = [i for i in range(len(frames)) if kinds is None or offered is None or offered & kinds[i]]
+            if not wanted:
+                continue
+            found = detector.detect([inputs[i] for i in wanted])
+            if len(found) != len(wanted):
+                raise RuntimeError(f"{type(detector).__name__} returned {len(found)} results for {len(wanted)} frames")
+            for i, detections in zip(wanted, found, strict=True):
+                raw[i].extend(detections)
         out: list[list[Detection]] = []
         for frame, small, detections in zip(frames, inputs, raw, strict=True):
             height, width = frame.shape[:2]

@@ -51,9 +51,7 @@ class SalientRegionFinder:
 
     def find(self, frames: Sequence[Frame]) -> list[FoundRegions]:
         device = self.classifier.device
-        return [
-            FoundRegions((salient_window(self.classifier, _tensor(f, device), self.size),)) for f in frames
-        ]
+        return [FoundRegions((salient_window(self.classifier, _tensor(f, device), self.size),)) for f in frames]
 
 
 def _tensor(frame: Frame, device: torch.device) -> torch.Tensor:

@@ -51,6 +51,7 @@ class YoloDetector:
             raise ConfigError(f"YOLO imgsz must be a multiple of 32 (>= 32), got {imgsz!r}")
         self.path = resolve_weights(weights)
         self.thresholds = {kind: thresholds[kind] for kind in set(class_map.values())}
+        self.kinds: frozenset[Kind] = frozenset(self.thresholds)
         self.imgsz = imgsz
         self.device = device
         with loading(self.path, "YOLO model"):
