@@ -9,11 +9,13 @@ from typing import Literal
 
 import torch
 
+from veilstream.geometry import BoxGeometry
+
 RegionShape = Literal["box", "ellipse"]
 
 
 @dataclass(frozen=True)
-class Region:
+class Region(BoxGeometry):
     """An axis-aligned area of a frame, in pixel coordinates (x2, y2 exclusive)."""
 
     x1: float
@@ -27,14 +29,6 @@ class Region:
             raise ValueError(f"region coordinates must be finite, got {self}")
         if self.x2 <= self.x1 or self.y2 <= self.y1:
             raise ValueError(f"region must have positive size, got x {self.x1}..{self.x2} y {self.y1}..{self.y2}")
-
-    @property
-    def width(self) -> float:
-        return self.x2 - self.x1
-
-    @property
-    def height(self) -> float:
-        return self.y2 - self.y1
 
     def padded(self, fraction: float) -> Region:
         """Grown by `fraction` of its size on every side."""

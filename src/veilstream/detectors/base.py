@@ -10,6 +10,8 @@ from typing import Literal, Protocol, runtime_checkable
 import numpy as np
 from numpy.typing import NDArray
 
+from veilstream.geometry import BoxGeometry
+
 Kind = Literal["face", "plate"]
 KINDS: tuple[Kind, ...] = ("face", "plate")
 
@@ -18,7 +20,7 @@ Frame = NDArray[np.uint8]
 
 
 @dataclass(frozen=True)
-class Detection:
+class Detection(BoxGeometry):
     """An axis-aligned box in frame pixels (x2, y2 exclusive) with a confidence in [0, 1]."""
 
     x1: float
@@ -46,18 +48,6 @@ class Detection:
             raise ValueError(f"Detection.score must be in [0, 1], got {self.score!r}")
         if self.kind not in KINDS:
             raise ValueError(f"Detection.kind must be one of {KINDS}, got {self.kind!r}")
-
-    @property
-    def width(self) -> float:
-        return self.x2 - self.x1
-
-    @property
-    def height(self) -> float:
-        return self.y2 - self.y1
-
-    @property
-    def area(self) -> float:
-        return self.width * self.height
 
     def padded(self, fraction: float) -> Detection:
         """Grown by `fraction` of its width (height) on the left and right (top and bottom)."""
