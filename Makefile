@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 setup: $(VENV)/.installed media kafka-jars
 
 kafka-jars: $(VENV)/.installed
-	$(PY) -m veilstream.testing.brokers fetch
+	$(PY) -m tests.support.brokers fetch
 
 media: $(VENV)/.installed
 	PYTHON=$(PY) bash scripts/fetch-media.sh
@@ -46,7 +46,7 @@ eval: setup
 # About 30 minutes on 2 cores; each prints a table and writes bench/results/*.json.
 bench: setup
 	$(PY) bench/correction.py
-	$(PY) bench/pipeline.py --no-prototypes
+	$(PY) bench/pipeline.py
 	$(PY) bench/worker.py
 
 clean:

@@ -1,7 +1,7 @@
 """Fixtures for tests against a real Kafka broker.
 
 * ``kafka_bootstrap`` (session): ``$VEILSTREAM_TEST_BOOTSTRAP`` if set (an external broker, used as is),
-  else the bootstrap of an :class:`~veilstream.testing.brokers.ApacheKafkaBroker` started once for the
+  else the bootstrap of an :class:`~tests.support.brokers.ApacheKafkaBroker` started once for the
   session (jars from ``$VEILSTREAM_CACHE``, downloaded with Maven on first use) and stopped at the end.
 * ``kafka_broker``: the session's broker object, for tests that restart it. With an external broker
   such tests fail with a clear message: an external broker cannot be restarted from here.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from veilstream.testing.brokers import ApacheKafkaBroker, TopicFactory
+from tests.support.brokers import ApacheKafkaBroker, TopicFactory
 
 EXTERNAL_BOOTSTRAP_ENV = "VEILSTREAM_TEST_BOOTSTRAP"
 _HERE = Path(__file__).resolve().parent

@@ -19,7 +19,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from veilstream.testing.brokers import (
+from tests.support.brokers import (
     KAFKA_VERSION,
     MAX_MESSAGE_BYTES,
     ApacheKafkaBroker,
@@ -31,6 +31,8 @@ from veilstream.testing.brokers import (
 
 pytestmark = pytest.mark.kafka
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+"""Where ``python -m tests.support.brokers`` runs."""
 FIVE_MB = 5 * 1024 * 1024
 GROUP_TIMEOUTS: dict[str, int] = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}
 HEADERS: list[tuple[str, bytes]] = [("content-type", b"image/jpeg"), ("frame-id", b"cam-7:000042"), ("empty", b"")]
@@ -325,7 +327,8 @@ def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
 @pytest.mark.timeout(60)
 def test_cli_start_prints_bootstrap_and_stops_on_sigterm(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "veilstream.testing.brokers", "start", "--kind", "tansu", "--data-dir", str(tmp_path)],
+        [sys.executable, "-m", "tests.support.brokers", "start", "--kind", "tansu", "--data-dir", str(tmp_path)],
+        cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -349,7 +352,8 @@ def test_cli_start_prints_bootstrap_and_stops_on_sigterm(tmp_path: Path) -> None
 @pytest.mark.timeout(300)
 def test_cli_fetch_prints_complete_libs_folder() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "veilstream.testing.brokers", "fetch"],
+        [sys.executable, "-m", "tests.support.brokers", "fetch"],
+        cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=280,

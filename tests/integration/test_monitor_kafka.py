@@ -1,5 +1,6 @@
 """`run_monitor` and the report's topic loader against a real Kafka broker, fed hand-built metrics records
-and dead letters: the JSON snapshot's figures, the time window, exit codes 0 / 1 / 2 and consumer lag."""
+(frame records of every outcome, an aggregate record) and dead letters: the JSON snapshot's figures (equal
+to `stats.figures`), the time window, exit codes 0 / 1 / 2 and consumer lag."""
 
 from __future__ import annotations
 
@@ -7,18 +8,19 @@ import io
 import json
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient
 from kafka.structs import OffsetAndMetadata
 
+from tests.support.brokers import TopicFactory
 from veilstream.monitoring.monitor import run_monitor
 from veilstream.monitoring.report import load_kafka
 from veilstream.monitoring.snapshot import Thresholds
-from veilstream.schemas import AggregateMetrics, DecisionRecord, FrameMetrics
-from veilstream.testing.brokers import TopicFactory
+from veilstream.schemas import AggregateRecord, DecisionRecord, FrameRecord
+from veilstream.stats import figures
 
 pytestmark = pytest.mark.kafka
 
@@ -28,51 +30,50 @@ def decision(label: str) -> list[DecisionRecord]:
 
 
 def frame(
-    camera: str, time: datetime, *, naive: bool = False, final: bool = False, iterations: int = 0, latency: float = 50
-) -> FrameMetrics:
-    return FrameMetrics(
-        worker="w1",
-        time=time,
-        camera_id=camera,
-        source_topic="frames",
-        source_partition=0,
-        source_offset=0,
+    camera: str,
+    time: datetime,
+    *,
+    naive: bool = False,
+    final: bool = False,
+    iterations: int = 0,
+    latency: float = 50,
+    outcome: Literal["published", "masked", "dropped"] = "published",
+) -> FrameRecord:
+    """A frame record; a masked or dropped one failed before correction, so it carries no decisions."""
+    origin: dict[str, Any] = {
+        "worker": "w1",
+        "time": time,
+        "camera_id": camera,
+        "source_topic": "frames",
+        "source_partition": 0,
+        "source_offset": 0,
+        "latency_ms": latency,
+    }
+    if outcome != "published":
+        return FrameRecord(**origin, outcome=outcome, reason="truncated", flagged=True)
+    return FrameRecord(
+        **origin,
+        outcome="published",
+        flagged=final,
         faces=1,
-        plates=0,
-        residual_faces=0,
-        residual_plates=0,
+        corrected=True,
         original=decision("bus"),
         naive=decision("truck" if naive else "bus"),
         final=decision("truck" if final else "bus"),
         naive_changed=naive,
         consistent=not final,
-        budget_exhausted=False,
         stop_reason="consistent",
         iterations=iterations,
         max_pixel_change=2,
-        latency_ms=latency,
+        published_bytes=4096,
         stage_ms={"detect": 5.0},
     )
 
 
-def aggregate(time: datetime) -> AggregateMetrics:
-    return AggregateMetrics(
-        worker="w1",
-        window_start=time - timedelta(seconds=10),
-        window_end=time,
-        frames=3,
-        dead_letters=2,
-        naive_changed=1,
-        final_changed=0,
-        budget_exhausted=0,
-        residual_detections=0,
-        mean_iterations=None,
-        p95_iterations=None,
-        p50_latency_ms=None,
-        p95_latency_ms=None,
-        frames_per_second=0.3,
-        labelled_frames=0,
-    )
+def aggregate(frames: list[FrameRecord], time: datetime) -> AggregateRecord:
+    """The worker's window record of these frames, made as the worker makes it."""
+    window = figures(frames, 10.0).model_dump()
+    return AggregateRecord(**window, worker="w1", window_start=time - timedelta(seconds=10), window_end=time)
 
 
 @pytest.fixture
@@ -105,42 +106,62 @@ def snapshot_json(bootstrap: str, metrics: str, dlq: str | None, **options: Any)
 
 
 @pytest.fixture
-def topics(kafka_bootstrap: str, topic_factory: TopicFactory, producer: Any) -> tuple[str, str]:
-    """A metrics topic (2 partitions) with 4 recent frames, one 2-hour-old frame, an aggregate and a junk
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+@pytest.fixture
+def recent(now: datetime) -> list[FrameRecord]:
+    """The frame records of the last minute: 4 published and corrected, a dropped and a masked one."""
+    return [
+        frame("cam-a", now - timedelta(seconds=40), latency=10),
+        frame("cam-a", now - timedelta(seconds=35), latency=15, outcome="dropped"),
+        frame("cam-a", now - timedelta(seconds=30), naive=True, iterations=3, latency=20),
+        frame("cam-b", now - timedelta(seconds=20), naive=True, iterations=5, latency=30),
+        frame("cam-b", now - timedelta(seconds=15), latency=35, outcome="masked"),
+        frame("cam-b", now - timedelta(seconds=10), latency=40),
+    ]
+
+
+@pytest.fixture
+def topics(
+    kafka_bootstrap: str, topic_factory: TopicFactory, producer: Any, now: datetime, recent: list[FrameRecord]
+) -> tuple[str, str]:
+    """A metrics topic (2 partitions) with the recent frames, one 2-hour-old frame, an aggregate and a junk
     message, and a dead-letter topic with 3 dead letters."""
     metrics = topic_factory("metrics", partitions=2)
     dlq = topic_factory("dlq")
-    now = datetime.now(UTC)
-    frames = [
-        frame("cam-a", now - timedelta(seconds=40), latency=10),
-        frame("cam-a", now - timedelta(seconds=30), naive=True, iterations=3, latency=20),
-        frame("cam-b", now - timedelta(seconds=20), naive=True, iterations=5, latency=30),
-        frame("cam-b", now - timedelta(seconds=10), latency=40),
-        # produced now, so its Kafka timestamp is recent; its own time puts it outside a 5-minute window
-        frame("cam-old", now - timedelta(hours=2), latency=1000),
-    ]
+    # produced now, so its Kafka timestamp is recent; its own time puts it outside a 5-minute window
+    frames = [*recent, frame("cam-old", now - timedelta(hours=2), latency=1000)]
     publish(producer, metrics, [f.model_dump_json().encode() for f in frames])
-    publish(producer, metrics, [aggregate(now).model_dump_json().encode(), b"not a metrics record"])
+    publish(producer, metrics, [aggregate(recent, now).model_dump_json().encode(), b"not a metrics record"])
     dead_letter(producer, dlq, "truncated", "cam-a")
     dead_letter(producer, dlq, "truncated", None)
     dead_letter(producer, dlq, "too_large", "cam-b")
     return metrics, dlq
 
 
-def test_once_json_snapshot_of_the_window(kafka_bootstrap: str, topics: tuple[str, str]) -> None:
+def test_once_json_snapshot_of_the_window(
+    kafka_bootstrap: str, topics: tuple[str, str], recent: list[FrameRecord]
+) -> None:
     metrics, dlq = topics
     code, data = snapshot_json(kafka_bootstrap, metrics, dlq, window_s=300)
     assert code == 0
     assert data["violations"] == [] and data["ok"] is True
     overall = data["overall"]
-    assert overall["frames"] == 4  # the 2-hour-old frame is outside the window
-    assert overall["naive_changed"] == 2 and overall["naive_change_rate"] == pytest.approx(0.5)
-    assert overall["final_changed"] == 0 and overall["final_change_rate"] == 0.0
+    # exactly the one aggregate of the records in the window, over the 300 s window
+    expected = figures(recent, data["window_seconds"]).model_dump(mode="json")
+    assert {name: overall[name] for name in expected} == expected
+    assert overall["frames"] == 6  # the 2-hour-old frame is outside the window
+    assert (overall["published"], overall["masked"], overall["dropped"], overall["corrected"]) == (4, 1, 1, 4)
+    assert overall["naive_changed"] == 2 and overall["naive_changed_rate"] == pytest.approx(0.5)
+    assert overall["final_changed"] == 0 and overall["final_changed_rate"] == 0.0
     assert overall["mean_iterations"] == pytest.approx(4.0)  # [3, 5]
-    assert overall["latency_p50_ms"] == pytest.approx(25.0)  # [10, 20, 30, 40]
-    assert overall["latency_p95_ms"] == pytest.approx(38.5)
-    assert overall["frames_per_second"] == pytest.approx(4 / 300, rel=1e-3)  # over the 300 s window
-    assert overall["dead_letters"] == 3
+    assert overall["p50_latency_ms"] == pytest.approx(25.0)  # [10, 15, 20, 30, 35, 40]: rank 2.5
+    assert overall["p95_latency_ms"] == pytest.approx(38.75)  # rank 4.75
+    assert overall["frames_per_second"] == pytest.approx(6 / 300, rel=1e-3)  # over the 300 s window
+    assert overall["dead_letters"] == 1  # the dropped frame record
+    assert overall["dead_letter_messages"] == 3
     assert overall["dead_letters_by_reason"] == {"too_large": 1, "truncated": 2}
     assert sorted(data["cameras"]) == ["cam-a", "cam-b"]
     assert data["cameras"]["cam-a"]["dead_letters_by_reason"] == {"truncated": 1}
@@ -161,7 +182,7 @@ def test_from_beginning_and_thresholds(kafka_bootstrap: str, topics: tuple[str, 
         assert admin.list_group_offsets({"monitor-label": None}).get("monitor-label", {}) == {}
     finally:
         admin.close()
-    assert data["overall"]["frames"] == 5
+    assert data["overall"]["frames"] == 7
     assert "cam-old" in data["cameras"]
     assert data["window_seconds"] == pytest.approx(2 * 3600 - 10, abs=1)  # from the oldest to the newest frame
     code, data = snapshot_json(
@@ -230,7 +251,7 @@ def test_kafka_problems_exit_2(kafka_bootstrap: str, topics: tuple[str, str]) ->
     out, err = io.StringIO(), io.StringIO()
     assert run_monitor(kafka_bootstrap, metrics, "no-such-dlq", once=True, as_json=True, out=out, err=err) == 0
     assert "dead-letter topic 'no-such-dlq' not found" in err.getvalue()
-    assert json.loads(out.getvalue())["overall"]["dead_letters"] == 0
+    assert json.loads(out.getvalue())["overall"]["dead_letter_messages"] == 0
 
 
 def test_live_dashboard(kafka_bootstrap: str, topics: tuple[str, str]) -> None:
@@ -240,7 +261,7 @@ def test_live_dashboard(kafka_bootstrap: str, topics: tuple[str, str]) -> None:
     assert code == 0
     last = out.getvalue().strip().split("\n\n")[-3:]
     assert "[live]" in last[0]
-    assert [line.split()[1] for line in last[1].splitlines() if line.startswith("ALL")] == ["4"]
+    assert [line.split()[1] for line in last[1].splitlines() if line.startswith("ALL")] == ["6"]
     assert last[2] == "thresholds: ok"
 
 
@@ -248,10 +269,11 @@ def test_report_loader_reads_a_time_range(kafka_bootstrap: str, topics: tuple[st
     metrics, _ = topics
     now = datetime.now(UTC)
     records = load_kafka(kafka_bootstrap, metrics, since=now - timedelta(minutes=10), until=now)
-    frames = [r for r in records if isinstance(r, FrameMetrics)]
-    assert sorted(f.camera_id for f in frames) == ["cam-a", "cam-a", "cam-b", "cam-b"]
-    assert sum(isinstance(r, AggregateMetrics) for r in records) == 1
+    frames = [r for r in records if isinstance(r, FrameRecord)]
+    assert sorted(f.camera_id for f in frames) == ["cam-a"] * 3 + ["cam-b"] * 3
+    assert sorted(f.outcome for f in frames) == ["dropped", "masked"] + ["published"] * 4
+    assert sum(isinstance(r, AggregateRecord) for r in records) == 1
     everything = load_kafka(kafka_bootstrap, metrics)
-    assert len(everything) == 6  # 5 frames and the aggregate; the junk message is skipped
+    assert len(everything) == 8  # 7 frames and the aggregate; the junk message is skipped
     early = load_kafka(kafka_bootstrap, metrics, until=now - timedelta(seconds=25))
-    assert sorted(r.camera_id for r in early if isinstance(r, FrameMetrics)) == ["cam-a", "cam-a", "cam-old"]
+    assert sorted(r.camera_id for r in early if isinstance(r, FrameRecord)) == ["cam-a"] * 3 + ["cam-old"]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.brokers import TopicFactory
 from veilstream.commands.cli import main
 from veilstream.publishing.encoding import encode_frame
-from veilstream.testing.brokers import TopicFactory
 
 from ..conftest import noise_frames
 from .worker_harness import Topics, consume_all, headers_of, running_worker, write_config

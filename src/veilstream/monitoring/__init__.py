@@ -1,8 +1,9 @@
-"""Watching running workers: the metrics topic folded into figures (`snapshot`), shown live or checked once
-against thresholds (`monitor`, `veilstream monitor`), and written up as an HTML report (`report`,
-`veilstream report`)."""
+"""Watching running workers: the metrics topic folded into figures (`snapshot`: `stats.figures` per camera),
+shown live or checked once against thresholds (`monitor`, `dashboard`, `veilstream monitor`), and written up
+as an HTML report (`report`, `plots`, `veilstream report`)."""
 
-from veilstream.monitoring.monitor import measure_lag, render_text, run_monitor
+from veilstream.monitoring.dashboard import render_text
+from veilstream.monitoring.monitor import measure_lag, run_monitor
 from veilstream.monitoring.records import (
     MetricsFileError,
     MetricsRecord,
@@ -14,7 +15,7 @@ from veilstream.monitoring.report import load_kafka, load_records, parse_time, w
 from veilstream.monitoring.snapshot import (
     ConsumerLag,
     DeadLetter,
-    Figures,
+    MonitorFigures,
     PartitionLag,
     Snapshot,
     SnapshotBuilder,
@@ -27,10 +28,10 @@ from veilstream.monitoring.snapshot import (
 __all__ = [
     "ConsumerLag",
     "DeadLetter",
-    "Figures",
     "MetricsFileError",
     "MetricsRecord",
     "MetricsSourceError",
+    "MonitorFigures",
     "PartitionLag",
     "Snapshot",
     "SnapshotBuilder",

@@ -1,13 +1,14 @@
 """`veilstream monitor`: figures of the workers' metrics topic, as a live dashboard or as one snapshot.
 
-Reads the metrics topic (FrameMetrics records; aggregate records are skipped) and, for counts only, the
-headers of the dead-letter topic, from the start of a time window (`offsets_for_times`) or from the
-beginning. It never commits: partitions are assigned, without a group unless one is given, and even then
-nothing is committed. With `--once` it reads up to the end offsets taken at start, prints ONE snapshot and
-exits 0, 1 when a threshold is crossed, 2 when Kafka cannot be read (unreachable, missing metrics topic,
-not caught up in time). Without `--once` it refreshes a table per camera and overall (rich's Live display
-when `rich` is installed and the output is a terminal, else a plain reprint) until Ctrl-C or `--duration`,
-and exits as `--once` would for the last snapshot shown.
+Reads the metrics topic (the frame records of every outcome, folded into `stats.figures` per camera;
+aggregate records are skipped) and, for counts by reason only, the headers of the dead-letter topic, from
+the start of a time window (`offsets_for_times`) or from the beginning. It never commits: partitions are
+assigned, without a group unless one is given, and even then nothing is committed. With `--once` it reads
+up to the end offsets taken at start, prints ONE snapshot and exits 0, 1 when a threshold is crossed, 2 when
+Kafka cannot be read (unreachable, missing metrics topic, not caught up in time). Without `--once` it
+refreshes a table per camera and overall (rich's Live display when `rich` is installed and the output is a
+terminal, else a plain reprint) until Ctrl-C or `--duration`, and exits as `--once` would for the last
+snapshot shown.
 
 Intended CLI (the wiring lives in `veilstream.commands.cli`)::
 
@@ -34,17 +35,18 @@ Intended CLI (the wiring lives in `veilstream.commands.cli`)::
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, TextIO
+from typing import Any, TextIO
 
 from kafka.errors import KafkaError
 
+from veilstream.monitoring import dashboard
+from veilstream.monitoring.dashboard import Display, render_text
 from veilstream.monitoring.kafka_io import (
     POLL_MS,
     assign_at,
@@ -57,7 +59,6 @@ from veilstream.monitoring.kafka_io import (
 from veilstream.monitoring.records import parse_record
 from veilstream.monitoring.snapshot import (
     ConsumerLag,
-    Figures,
     Snapshot,
     SnapshotBuilder,
     Thresholds,
@@ -65,143 +66,13 @@ from veilstream.monitoring.snapshot import (
     compute_lag,
     dead_letter_from_headers,
 )
-from veilstream.schemas import FrameMetrics
+from veilstream.schemas import FrameRecord
 
 EXIT_OK = 0
 EXIT_THRESHOLD = 1
 EXIT_KAFKA = 2
 LAG_INTERVAL_S = 5.0
 """The dashboard refreshes lag at most this often: each refresh is a round of admin requests."""
-
-Display = Literal["auto", "rich", "plain"]
-
-
-# ------------------------------------------------------------------------------------------ rendering
-
-# short headers keep the 13 columns within 100 terminal columns; the legend line spells them out
-_HEADERS = (
-    "camera",
-    "frames",
-    "fps",
-    "naive",
-    "final",
-    "budget",
-    "it mean",
-    "it p95",
-    "p50",
-    "p95",
-    "p99",
-    "DLQ",
-    "resid",
-)
-LEGEND = (
-    "naive/final: frames whose decision naive anonymization / the published frame changed; budget: budget "
-    "exhausted; it: correction iterations of corrected frames; p50-p99: latency ms; resid: residual detections"
-)
-
-
-def _number(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _cells(name: str, figures: Figures) -> list[str]:
-    """One table row; rates as percentages next to the counts they come from."""
-    rate = figures.naive_change_rate
-    percent = "-" if rate is None else f"{100 * rate:.1f}%"
-    return [
-        name,
-        str(figures.frames),
-        _number(figures.frames_per_second, ".2f"),
-        f"{figures.naive_changed} ({percent})",
-        str(figures.final_changed),
-        str(figures.budget_exhausted),
-        _number(figures.mean_iterations, ".2f"),
-        _number(figures.p95_iterations, ".1f"),
-        _number(figures.latency_p50_ms, ".0f"),
-        _number(figures.latency_p95_ms, ".0f"),
-        _number(figures.latency_p99_ms, ".0f"),
-        str(figures.dead_letters),
-        str(figures.residual_detections),
-    ]
-
-
-def _rows(snapshot: Snapshot) -> list[list[str]]:
-    return [_cells(camera, figures) for camera, figures in snapshot.cameras.items()] + [_cells("ALL", snapshot.overall)]
-
-
-def _moment(value: datetime | None) -> str:
-    return "-" if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def summary_lines(snapshot: Snapshot, status: str = "") -> list[str]:
-    """The lines above the table: window, workers, dead-letter reasons, lag."""
-    seconds = "" if snapshot.window_seconds is None else f" ({snapshot.window_seconds:.0f} s)"
-    lines = [
-        f"window {_moment(snapshot.window_start)} -> {_moment(snapshot.window_end)} UTC{seconds}"
-        f"   workers: {', '.join(snapshot.workers) or '-'}" + (f"   [{status}]" if status else "")
-    ]
-    reasons = snapshot.overall.dead_letters_by_reason
-    if reasons:
-        lines.append("dead letters: " + ", ".join(f"{reason} {count}" for reason, count in reasons.items()))
-    if snapshot.invalid_records:
-        lines.append(f"invalid records on the metrics topic: {snapshot.invalid_records}")
-    if snapshot.lag is not None:
-        parts = ", ".join(f"{p.topic}/{p.partition}: {p.lag}" for p in snapshot.lag.partitions)
-        lines.append(f"lag of group {snapshot.lag.group}: {snapshot.lag.total}" + (f" ({parts})" if parts else ""))
-    return lines
-
-
-def _align(column: int, cell: str, width: int) -> str:
-    return cell.ljust(width) if column == 0 else cell.rjust(width)  # names left, numbers right
-
-
-def render_text(snapshot: Snapshot, thresholds: Thresholds | None = None, status: str = "") -> str:
-    """The snapshot as plain text: summary lines, an aligned table (cameras, then ALL), violations."""
-    rows = [list(_HEADERS), *_rows(snapshot)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADERS))]
-    table = [
-        "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in rows
-    ]
-    lines = [*summary_lines(snapshot, status), "", *table, LEGEND]
-    if thresholds is not None:
-        violations = snapshot.violations(thresholds)
-        lines += ["", *(f"VIOLATION: {v}" for v in violations)] if violations else ["", "thresholds: ok"]
-    return "\n".join(lines)
-
-
-def render_rich(snapshot: Snapshot, thresholds: Thresholds | None = None, status: str = "") -> Any:
-    """The snapshot as a rich renderable (needs `rich`)."""
-    from rich import box  # type: ignore[import-not-found, unused-ignore]
-    from rich.console import Group  # type: ignore[import-not-found, unused-ignore]
-    from rich.table import Table  # type: ignore[import-not-found, unused-ignore]
-    from rich.text import Text  # type: ignore[import-not-found, unused-ignore]
-
-    # no vertical rules, one space between columns: the 13 columns fit a 90-column terminal
-    table = Table(
-        title="veilstream monitor", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0)
-    )
-    for index, header in enumerate(_HEADERS):
-        table.add_column(header, justify="left" if index == 0 else "right", no_wrap=True)
-    rows = _rows(snapshot)
-    for index, row in enumerate(rows):
-        last = index == len(rows) - 1
-        table.add_row(*row, style="bold" if last else None, end_section=index == len(rows) - 2)
-    parts: list[Any] = [Text("\n".join(summary_lines(snapshot, status))), table, Text(LEGEND, style="dim")]
-    if thresholds is not None:
-        violations = snapshot.violations(thresholds)
-        for violation in violations:
-            parts.append(Text(f"VIOLATION: {violation}", style="bold red"))
-        if not violations:
-            parts.append(Text("thresholds: ok", style="green"))
-    return Group(*parts)
-
-
-def rich_available() -> bool:
-    """Whether the optional `rich` package is installed (else the dashboard reprints plain text)."""
-    return importlib.util.find_spec("rich") is not None
 
 
 # ------------------------------------------------------------------------------------------ kafka side
@@ -257,7 +128,7 @@ def _folder(builder: SnapshotBuilder, dlq_topic: str | None, since: datetime | N
             parsed = None
         if parsed is None:
             builder.add_invalid()
-        elif isinstance(parsed, FrameMetrics) and (since is None or as_utc(parsed.time) >= since):
+        elif isinstance(parsed, FrameRecord) and (since is None or as_utc(parsed.time) >= since):
             builder.add_frame(parsed)
 
     return fold
@@ -307,30 +178,6 @@ class _Session:
     def behind(self) -> int:
         """Records between the positions and the end offsets taken at start."""
         return sum(max(0, end - self.consumer.position(tp)) for tp, end in self.end.items())
-
-
-@contextlib.contextmanager
-def _display(
-    kind: Display, as_json: bool, out: TextIO, refresh_s: float, thresholds: Thresholds
-) -> Iterator[Callable[[Snapshot, str], None]]:
-    """A function showing one snapshot with a status note: JSON lines, rich Live, or a plain reprint."""
-    if kind == "auto":
-        kind = "rich" if rich_available() and out.isatty() else "plain"
-    if as_json:
-        yield lambda snapshot, status: print(json.dumps(snapshot.to_json(thresholds)), file=out, flush=True)
-    elif kind == "rich":
-        from rich.console import Console  # type: ignore[import-not-found, unused-ignore]
-        from rich.live import Live  # type: ignore[import-not-found, unused-ignore]
-
-        with Live(console=Console(file=out), refresh_per_second=max(1.0, 1 / refresh_s)) as live:
-            yield lambda snapshot, status: live.update(render_rich(snapshot, thresholds, status))
-    else:
-        clear = "\x1b[H\x1b[2J" if out.isatty() else ""  # a log file gets one block per refresh instead
-
-        def show(snapshot: Snapshot, status: str) -> None:
-            print(clear + render_text(snapshot, thresholds, status) + "\n", file=out, flush=True)
-
-        yield show
 
 
 # ------------------------------------------------------------------------------------------ entry point
@@ -434,7 +281,7 @@ def _live(
     measured: ConsumerLag | None = None
     lag_note = ""
     snapshot: Snapshot | None = None
-    with _display(display, as_json, out, refresh_s, thresholds) as show:
+    with dashboard.display(display, as_json, out, refresh_s, thresholds) as show:
         try:
             while True:
                 for records in consumer.poll(timeout_ms=POLL_MS).values():

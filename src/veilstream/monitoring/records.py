@@ -1,6 +1,7 @@
 """Metrics records as they travel: one JSON object per Kafka message or per line of a JSONL dump.
 
-Both kinds share the metrics topic and are told apart by their `type` field ("frame" or "aggregate").
+Both kinds share the metrics topic and are told apart by their `type` field: a `FrameRecord` ("frame") for
+every frame outcome (published, masked or dropped) and an `AggregateRecord` ("aggregate") per worker window.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from typing import Annotated, TypeAlias
 from pydantic import Field, TypeAdapter, ValidationError
 
 from veilstream.errors import VeilstreamError
-from veilstream.schemas import AggregateMetrics, FrameMetrics
+from veilstream.schemas import AggregateRecord, FrameRecord
 
-MetricsRecord: TypeAlias = FrameMetrics | AggregateMetrics
+MetricsRecord: TypeAlias = FrameRecord | AggregateRecord
 _ADAPTER: TypeAdapter[MetricsRecord] = TypeAdapter(
-    Annotated[FrameMetrics | AggregateMetrics, Field(discriminator="type")]
+    Annotated[FrameRecord | AggregateRecord, Field(discriminator="type")]
 )
 MAX_LISTED_ERRORS = 20
 """A dump with thousands of bad lines is reported by its first few (and a count), not line by line."""

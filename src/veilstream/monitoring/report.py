@@ -1,10 +1,10 @@
 """`veilstream report`: a self-contained HTML report (PNG plots embedded as base64) of metrics records.
 
 Records come from a JSONL file (one JSON record per line, e.g. a dump of the metrics topic) or straight
-from the metrics topic for a time window. The report holds: a per-camera table (from the frame records),
-throughput over time, naive vs final decision changes over time (cumulative), latency percentiles over
-time, a histogram of correction iterations, and a per-worker table (from the aggregate records; the only
-place dead letters appear, since the metrics topic carries no dead-letter messages).
+from the metrics topic for a time window. The report holds: a per-camera table (from the frame records of
+every outcome: published, masked, dropped), throughput over time, naive vs final decision changes over time
+(cumulative), latency percentiles over time, a histogram of correction iterations (plots in `plots`), and a
+per-worker table (from the aggregate records). Every figure is `stats.figures` of the records it covers.
 
 Intended CLI (the wiring lives in `veilstream.commands.cli`)::
 
@@ -22,15 +22,11 @@ Errors reading records raise MetricsSourceError (a VeilstreamError: the CLI prin
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import logging
-import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -39,17 +35,13 @@ from kafka.errors import KafkaError
 from pydantic import ValidationError
 
 from veilstream.monitoring.kafka_io import offsets_at, open_consumer, read_range, topic_partitions
+from veilstream.monitoring.plots import plot_decision_changes, plot_iterations, plot_latency, plot_throughput
 from veilstream.monitoring.records import MetricsRecord, MetricsSourceError, load_jsonl, parse_record
 from veilstream.monitoring.snapshot import as_utc, build_snapshot
-from veilstream.schemas import AggregateMetrics, FrameMetrics
-from veilstream.stats import percentile
+from veilstream.schemas import AggregateRecord, FrameRecord
 
 log = logging.getLogger(__name__)
 
-NICE_BIN_SECONDS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
-TARGET_BINS = 60
-MAX_CAMERA_LINES = 8
-"""Throughput is drawn per camera up to this many cameras; beyond, only the overall line stays readable."""
 UNTIL_GRACE = timedelta(seconds=60)
 """Reading a topic up to `until` stops at the first message stamped this long after it: a record's own
 `time` precedes its Kafka timestamp by the worker's produce delay, which this bounds."""
@@ -76,7 +68,7 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
 
 def record_time(record: MetricsRecord) -> datetime:
     """When a record happened: a frame's `time`, an aggregate's `window_end` (UTC)."""
-    return as_utc(record.time if isinstance(record, FrameMetrics) else record.window_end)
+    return as_utc(record.time if isinstance(record, FrameRecord) else record.window_end)
 
 
 def in_range(records: Iterable[MetricsRecord], since: datetime | None, until: datetime | None) -> list[MetricsRecord]:
@@ -145,145 +137,6 @@ def load_records(
     return load_kafka(bootstrap, topic, since, until, client_options=client_options, timeout_s=timeout_s)
 
 
-# ------------------------------------------------------------------------------------------ time series
-
-
-def bin_seconds(span_s: float, target: int = TARGET_BINS) -> int:
-    """The smallest round bin width that cuts `span_s` into at most `target` bins."""
-    for step in NICE_BIN_SECONDS:
-        if span_s / step <= target:
-            return step
-    return math.ceil(span_s / target / 86400) * 86400
-
-
-@dataclass(frozen=True)
-class TimeBin:
-    """Frames whose time falls in [start, start + seconds)."""
-
-    start: datetime
-    seconds: int
-    frames: list[FrameMetrics]
-
-
-def time_bins(frames: Sequence[FrameMetrics], target: int = TARGET_BINS) -> list[TimeBin]:
-    """Consecutive bins from the first frame's time to the last (empty bins kept: they are a throughput of 0).
-    The last bin may be cut short by the end of the data, which understates its throughput."""
-    if not frames:
-        return []
-    times = [as_utc(f.time) for f in frames]
-    first, last = min(times), max(times)
-    step = bin_seconds((last - first).total_seconds(), target)
-    count = int((last - first).total_seconds() // step) + 1
-    grouped: list[list[FrameMetrics]] = [[] for _ in range(count)]
-    for moment, frame in zip(times, frames, strict=True):
-        grouped[int((moment - first).total_seconds() // step)].append(frame)
-    return [TimeBin(first + timedelta(seconds=i * step), step, group) for i, group in enumerate(grouped)]
-
-
-# ------------------------------------------------------------------------------------------ plots
-
-
-def _new_figure() -> tuple[Any, Any]:
-    # Figure without pyplot: no global state and no GUI backend, so reports work headless and in threads.
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(9, 3.6), layout="constrained")
-    return figure, figure.subplots()
-
-
-def _time_axis(axis: Any) -> None:
-    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
-
-    # matplotlib.dates leaves these constructors unannotated
-    locator = AutoDateLocator()  # type: ignore[no-untyped-call]
-    axis.xaxis.set_major_locator(locator)
-    axis.xaxis.set_major_formatter(ConciseDateFormatter(locator, tz=UTC))  # type: ignore[no-untyped-call]
-    axis.set_xlabel("time (UTC)")
-    axis.grid(alpha=0.3)
-
-
-def _png(figure: Any) -> str:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _centers(bins: Sequence[TimeBin]) -> list[datetime]:
-    return [b.start + timedelta(seconds=b.seconds / 2) for b in bins]
-
-
-def plot_throughput(frames: Sequence[FrameMetrics]) -> str:
-    """Frames per second per time bin: overall, and per camera when there are few cameras."""
-    bins = time_bins(frames)
-    figure, axis = _new_figure()
-    centers = _centers(bins)
-    axis.plot(centers, [len(b.frames) / b.seconds for b in bins], color="black", linewidth=2, label="all")
-    cameras = sorted({f.camera_id for f in frames})
-    if 1 < len(cameras) <= MAX_CAMERA_LINES:
-        for camera in cameras:
-            rates = [sum(f.camera_id == camera for f in b.frames) / b.seconds for b in bins]
-            axis.plot(centers, rates, linewidth=1, label=camera)
-    axis.set(ylabel="frames / s", title=f"Throughput ({bins[0].seconds if bins else 0} s bins)")
-    axis.set_ylim(bottom=0)
-    axis.legend(fontsize=8, loc="upper left")
-    _time_axis(axis)
-    return _png(figure)
-
-
-def plot_decision_changes(frames: Sequence[FrameMetrics]) -> str:
-    """Cumulative frames whose decision changed: naive anonymization vs the published (final) frame."""
-    ordered = sorted(frames, key=lambda f: as_utc(f.time))
-    times = [as_utc(f.time) for f in ordered]
-    naive, final = [], []
-    naive_total = final_total = 0
-    for frame in ordered:
-        naive_total += frame.naive_changed
-        final_total += not frame.consistent
-        naive.append(naive_total)
-        final.append(final_total)
-    figure, axis = _new_figure()
-    axis.step(times, naive, where="post", label=f"naive (blurred): {naive_total}")
-    axis.step(times, final, where="post", label=f"final (published): {final_total}", color="tab:red")
-    axis.set(ylabel="frames (cumulative)", title="Decision changes: naive vs final")
-    axis.set_ylim(bottom=0)
-    axis.legend(fontsize=8, loc="upper left")
-    _time_axis(axis)
-    return _png(figure)
-
-
-def plot_latency(frames: Sequence[FrameMetrics]) -> str:
-    """p50/p95/p99 of latency_ms per time bin (bins without frames are left out)."""
-    bins = [b for b in time_bins(frames) if b.frames]
-    centers = _centers(bins)
-    figure, axis = _new_figure()
-    for q in (50, 95, 99):
-        axis.plot(centers, [percentile([f.latency_ms for f in b.frames], q) for b in bins], marker=".", label=f"p{q}")
-    axis.set(ylabel="latency (ms)", title=f"Latency percentiles ({bins[0].seconds if bins else 0} s bins)")
-    axis.set_ylim(bottom=0)
-    axis.legend(fontsize=8, loc="upper left")
-    _time_axis(axis)
-    return _png(figure)
-
-
-def plot_iterations(frames: Sequence[FrameMetrics]) -> str:
-    """Histogram of correction iterations over the frames that needed correction (the paper's convention;
-    the frames that needed none are counted in the title, their bar would dwarf the rest)."""
-    stepped = [f.iterations for f in frames if f.iterations > 0]
-    top = max(stepped, default=1)
-    figure, axis = _new_figure()
-    if stepped:
-        # one bar per iteration count while that stays readable; wide budgets get automatic bins
-        bins: Any = list(range(1, top + 2)) if top <= 60 else 60
-        axis.hist(stepped, bins=bins, align="left" if top <= 60 else "mid", color="tab:blue", edgecolor="white")
-    axis.set(
-        xlabel="correction iterations",
-        ylabel="frames",
-        title=f"Iterations per corrected frame ({len(frames) - len(stepped)} frame(s) needed none)",
-    )
-    axis.grid(alpha=0.3)
-    return _png(figure)
-
-
 # ------------------------------------------------------------------------------------------ tables
 
 
@@ -298,6 +151,8 @@ def _percent(rate: float | None) -> str:
 _CAMERA_COLUMNS = (
     "camera",
     "frames",
+    "masked",
+    "dropped",
     "fps",
     "naive chg",
     "naive rate",
@@ -313,26 +168,30 @@ _CAMERA_COLUMNS = (
 )
 
 
-def camera_rows(frames: Sequence[FrameMetrics]) -> list[list[str]]:
-    """Per-camera rows, then the overall row ("ALL"), from the monitor's snapshot figures."""
+def camera_rows(frames: Sequence[FrameRecord]) -> list[list[str]]:
+    """Per-camera rows, then the overall row ("ALL"), from the monitor's snapshot (`stats.figures` per camera).
+    Decision counts are '-' where the correction ran on no frame: there are no decisions to compare."""
     snapshot = build_snapshot(frames)
     rows = []
     for name, fig in [*snapshot.cameras.items(), ("ALL", snapshot.overall)]:
+        corrected = fig.corrected > 0
         rows.append(
             [
                 name,
                 str(fig.frames),
+                str(fig.masked),
+                str(fig.dropped),
                 _cell(fig.frames_per_second, ".2f"),
-                str(fig.naive_changed),
-                _percent(fig.naive_change_rate),
-                str(fig.final_changed),
-                _percent(fig.final_change_rate),
-                str(fig.budget_exhausted),
+                str(fig.naive_changed) if corrected else "-",
+                _percent(fig.naive_changed_rate),
+                str(fig.final_changed) if corrected else "-",
+                _percent(fig.final_changed_rate),
+                str(fig.budget_exhausted) if corrected else "-",
                 _cell(fig.mean_iterations, ".2f"),
                 _cell(fig.p95_iterations, ".1f"),
-                _cell(fig.latency_p50_ms, ".0f"),
-                _cell(fig.latency_p95_ms, ".0f"),
-                _cell(fig.latency_p99_ms, ".0f"),
+                _cell(fig.p50_latency_ms, ".0f"),
+                _cell(fig.p95_latency_ms, ".0f"),
+                _cell(fig.p99_latency_ms, ".0f"),
                 str(fig.residual_detections),
             ]
         )
@@ -343,6 +202,7 @@ _WORKER_COLUMNS = (
     "worker",
     "windows",
     "frames",
+    "masked",
     "dead letters",
     "naive chg",
     "final chg",
@@ -353,26 +213,32 @@ _WORKER_COLUMNS = (
 )
 
 
-def worker_rows(aggregates: Sequence[AggregateMetrics]) -> list[list[str]]:
-    """Per-worker sums of the aggregate records; accuracies weighted by each window's labelled frames."""
-    by_worker: dict[str, list[AggregateMetrics]] = defaultdict(list)
+def worker_rows(aggregates: Sequence[AggregateRecord]) -> list[list[str]]:
+    """Per-worker sums of the aggregate records (each already `stats.figures` of its window); accuracies
+    weighted by each window's labelled frames; decision counts '-' where no window corrected a frame."""
+    by_worker: dict[str, list[AggregateRecord]] = defaultdict(list)
     for aggregate in aggregates:
         by_worker[aggregate.worker].append(aggregate)
 
-    def accuracy(windows: list[AggregateMetrics], pick: str) -> str:
+    def accuracy(windows: list[AggregateRecord], pick: str) -> str:
         pairs = [(getattr(w, pick), w.labelled_frames) for w in windows if getattr(w, pick) is not None]
         labelled = sum(n for _, n in pairs)
         return _percent(sum(a * n for a, n in pairs) / labelled if labelled else None)
+
+    def decisions(windows: list[AggregateRecord], field: str) -> str:
+        corrected = any(w.corrected for w in windows)
+        return str(sum(getattr(w, field) for w in windows)) if corrected else "-"
 
     return [
         [
             worker,
             str(len(windows)),
             str(sum(w.frames for w in windows)),
+            str(sum(w.masked for w in windows)),
             str(sum(w.dead_letters for w in windows)),
-            str(sum(w.naive_changed for w in windows)),
-            str(sum(w.final_changed for w in windows)),
-            str(sum(w.budget_exhausted for w in windows)),
+            decisions(windows, "naive_changed"),
+            decisions(windows, "final_changed"),
+            decisions(windows, "budget_exhausted"),
             str(sum(w.residual_detections for w in windows)),
             accuracy(windows, "accuracy_original"),
             accuracy(windows, "accuracy_published"),
@@ -400,14 +266,12 @@ img { max-width: 100%; }
 """
 
 
-def write_report(
-    records: Iterable[FrameMetrics | AggregateMetrics], out: Path, title: str = "veilstream metrics"
-) -> Path:
+def write_report(records: Iterable[MetricsRecord], out: Path, title: str = "veilstream metrics") -> Path:
     """Write `out/index.html` (plots embedded, no other files) and return its path."""
-    frames: list[FrameMetrics] = []
-    aggregates: list[AggregateMetrics] = []
+    frames: list[FrameRecord] = []
+    aggregates: list[AggregateRecord] = []
     for record in records:
-        if isinstance(record, FrameMetrics):
+        if isinstance(record, FrameRecord):
             frames.append(record)
         else:
             aggregates.append(record)
@@ -433,8 +297,10 @@ def write_report(
         ]
         parts += [
             "<h2>Per camera</h2>",
-            "<p class='meta'>fps: frames over the span of frame times; iterations: mean and p95 over frames "
-            "that needed correction; final change: the published decision differs from the original.</p>",
+            "<p class='meta'>frames: every outcome (published, masked, dropped); fps: frames over the span of "
+            "frame times; decision changes and rates: over the frames the correction ran on ('-': none); "
+            "iterations: mean and p95 over frames that needed correction; final change: the published decision "
+            "differs from the original.</p>",
             _html_table(_CAMERA_COLUMNS, camera_rows(frames)),
         ]
         for heading, name, png in plots:

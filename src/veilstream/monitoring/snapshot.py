@@ -2,19 +2,16 @@
 
 No I/O here: the monitor feeds records read from Kafka, tests feed hand-built ones.
 
-Definitions (the same as the worker's aggregate records and `veilstream eval`, via `veilstream.stats`):
+The figures of a camera (and of all cameras) are `veilstream.stats.figures` of its frame records: the same
+definitions as the worker's aggregate records, `eval`, `anonymize` and the demo. What only the monitor adds:
 
-* final decision change: a frame whose published decision differs from the original (`consistent` false);
-* naive decision change: `naive_changed`; rates are changes / frames (None without frames);
-* mean / p95 iterations: over the frames that needed at least one correction step (the paper's
-  convention, `stats.summarize_frames`); `max_iterations` over all frames;
-* latency p50 / p95 / p99: linearly interpolated percentiles of `latency_ms` (`stats.percentile`);
-* throughput: frames / window length in seconds, where the window is the one given, or else spans the
-  earliest to the latest frame `time` (None when it has no length); cameras share the overall window,
-  so their throughputs add up to the overall one;
-* residual detections: `residual_faces + residual_plates`;
-* dead letters: counted by their `dlq-reason` header, per camera when they carry `camera-id` (a dead
-  letter without one counts in the overall figures only).
+* the p99 of `latency_ms` (the tail the dashboard watches; `stats.percentile`);
+* the dead-letter topic: messages counted by their `dlq-reason` header, per camera when they carry
+  `camera-id` (a dead letter without one counts in the overall figures only);
+* the window: throughput is frames / window length in seconds, where the window is the one given, or else
+  spans the earliest to the latest frame `time` (None when it has no length); cameras share the overall
+  window, so their throughputs add up to the overall one;
+* consumer lag and thresholds.
 
 Naive datetimes are taken as UTC.
 """
@@ -22,7 +19,7 @@ Naive datetimes are taken as UTC.
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,8 +27,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from veilstream.schemas import FrameMetrics
-from veilstream.stats import percentile, summarize_frames
+from veilstream.schemas import Figures, FrameRecord
+from veilstream.stats import figures, percentile
 
 UNKNOWN_REASON = "unknown"
 """Reason of a dead letter without a `dlq-reason` header (or with an empty one)."""
@@ -44,35 +41,30 @@ class _Frozen(BaseModel):
 class Thresholds(_Frozen):
     """Limits a snapshot must stay within (`None`: not checked). Counts are over the whole window."""
 
-    max_final_changes: int = Field(0, ge=0, description="published frames whose decision changed")
-    max_dead_letters: int | None = Field(None, ge=0)
+    max_final_changes: int = Field(0, ge=0, description="corrected frames whose published decision changed")
+    max_dead_letters: int | None = Field(
+        None, ge=0, description="the larger of the dead-letter topic's messages and the dropped frame records"
+    )
     max_budget_exhausted: int | None = Field(None, ge=0)
     max_p95_latency_ms: float | None = Field(None, gt=0, description="overall p95 of latency_ms")
     max_lag: int | None = Field(None, ge=0, description="total consumer lag of the watched group")
 
 
-class Figures(_Frozen):
-    """The figures of one camera, or of all of them."""
+class MonitorFigures(Figures):
+    """`stats.figures` of one camera's frame records (or of all cameras'), plus what only the monitor has."""
 
-    frames: int
-    naive_changed: int
-    naive_change_rate: float | None
-    final_changed: int
-    final_change_rate: float | None
-    budget_exhausted: int
-    frames_corrected: int = Field(description="frames with at least one correction iteration")
-    mean_iterations: float | None = Field(description="over frames_corrected")
-    p95_iterations: float | None = Field(description="over frames_corrected")
-    max_iterations: int
-    latency_p50_ms: float | None
-    latency_p95_ms: float | None
-    latency_p99_ms: float | None
-    frames_per_second: float | None
-    residual_faces: int
-    residual_plates: int
-    residual_detections: int
-    dead_letters: int
-    dead_letters_by_reason: dict[str, int]
+    p99_latency_ms: float | None
+    dead_letter_messages: int = Field(description="messages on the dead-letter topic (a camera's: by camera-id)")
+    dead_letters_by_reason: dict[str, int] = Field(description="dead-letter topic messages by dlq-reason")
+
+    def stats_figures(self) -> Figures:
+        """The part that is `stats.figures` of the records."""
+        return Figures(**self.model_dump(include=set(Figures.model_fields)))
+
+    def dead_letters_seen(self) -> int:
+        """Dead letters by either account: the topic holds those without a record (a failed delivery), the
+        records those of a topic not read (`--no-dlq`), so a gate takes the larger."""
+        return max(self.dead_letters, self.dead_letter_messages)
 
 
 class PartitionLag(_Frozen):
@@ -99,8 +91,8 @@ class Snapshot(_Frozen):
     window_start: datetime | None
     window_end: datetime | None
     window_seconds: float | None
-    overall: Figures
-    cameras: dict[str, Figures]
+    overall: MonitorFigures
+    cameras: dict[str, MonitorFigures]
     workers: list[str]
     invalid_records: int = Field(0, description="metrics-topic messages that were not metrics records")
     lag: ConsumerLag | None = None
@@ -114,17 +106,20 @@ class Snapshot(_Frozen):
                 f"final decision changes: {overall.final_changed} > {thresholds.max_final_changes}"
                 f" ({self._per_camera('final_changed')})"
             )
-        if thresholds.max_dead_letters is not None and overall.dead_letters > thresholds.max_dead_letters:
+        dead_letters = overall.dead_letters_seen()
+        if thresholds.max_dead_letters is not None and dead_letters > thresholds.max_dead_letters:
             reasons = ", ".join(f"{reason}: {count}" for reason, count in overall.dead_letters_by_reason.items())
-            found.append(f"dead letters: {overall.dead_letters} > {thresholds.max_dead_letters} ({reasons})")
+            found.append(
+                f"dead letters: {dead_letters} > {thresholds.max_dead_letters} ({reasons or 'dropped frame records'})"
+            )
         if thresholds.max_budget_exhausted is not None and overall.budget_exhausted > thresholds.max_budget_exhausted:
             found.append(
                 f"budget exhaustions: {overall.budget_exhausted} > {thresholds.max_budget_exhausted}"
                 f" ({self._per_camera('budget_exhausted')})"
             )
         limit = thresholds.max_p95_latency_ms
-        if limit is not None and overall.latency_p95_ms is not None and overall.latency_p95_ms > limit:
-            found.append(f"p95 latency: {overall.latency_p95_ms:.1f} ms > {limit:g} ms")
+        if limit is not None and overall.p95_latency_ms is not None and overall.p95_latency_ms > limit:
+            found.append(f"p95 latency: {overall.p95_latency_ms:.1f} ms > {limit:g} ms")
         if thresholds.max_lag is not None:
             if self.lag is None:
                 # A gate that cannot be evaluated must not pass silently.
@@ -134,7 +129,7 @@ class Snapshot(_Frozen):
         return found
 
     def _per_camera(self, field: str) -> str:
-        counts = ((camera, getattr(figures, field)) for camera, figures in self.cameras.items())
+        counts = ((camera, getattr(camera_figures, field)) for camera, camera_figures in self.cameras.items())
         return ", ".join(f"{camera}: {count}" for camera, count in counts if count) or "no camera"
 
     def to_json(self, thresholds: Thresholds | None = None) -> dict[str, Any]:
@@ -171,95 +166,46 @@ def as_utc(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-@dataclass(frozen=True, slots=True)
-class _Frame:
-    """The fields of a FrameMetrics the figures use: kept instead of the record to hold long windows cheaply."""
-
-    time: datetime
-    camera_id: str
-    worker: str
-    naive_changed: bool
-    final_changed: bool
-    budget_exhausted: bool
-    iterations: int
-    latency_ms: float
-    residual_faces: int
-    residual_plates: int
-
-    @classmethod
-    def of(cls, record: FrameMetrics) -> _Frame:
-        return cls(
-            time=as_utc(record.time),
-            camera_id=record.camera_id,
-            worker=record.worker,
-            naive_changed=record.naive_changed,
-            final_changed=not record.consistent,
-            budget_exhausted=record.budget_exhausted,
-            iterations=record.iterations,
-            latency_ms=record.latency_ms,
-            residual_faces=record.residual_faces,
-            residual_plates=record.residual_plates,
-        )
-
-
-def _optional(value: float) -> float | None:
+def p99_latency_ms(records: Sequence[FrameRecord]) -> float | None:
+    """The p99 of `latency_ms` (None without records): the one latency figure beyond `stats.figures`."""
+    value = percentile([r.latency_ms for r in records], 99)
     return None if math.isnan(value) else value
 
 
-def _figures(frames: Sequence[_Frame], dead_letters: Sequence[DeadLetter], seconds: float | None) -> Figures:
-    # summarize_frames holds the consistency and iteration conventions shared with `veilstream eval`.
-    summary = summarize_frames(
-        [
-            {
-                "naive_changed": f.naive_changed,
-                "corrected_changed": f.final_changed,
-                "budget_exhausted": f.budget_exhausted,
-                "iterations": f.iterations,
-                "ms": f.latency_ms,
-            }
-            for f in frames
-        ]
-    )
-    latencies = [f.latency_ms for f in frames]
+def monitor_figures(
+    records: Sequence[FrameRecord], dead_letters: Sequence[DeadLetter], seconds: float | None
+) -> MonitorFigures:
+    """`stats.figures(records, seconds)` with the monitor's own figures beside it."""
     reasons = Counter(d.reason for d in dead_letters)
-    faces = sum(f.residual_faces for f in frames)
-    plates = sum(f.residual_plates for f in frames)
-    return Figures(
-        frames=len(frames),
-        naive_changed=summary["naive_changed"],
-        naive_change_rate=_optional(summary["naive_changed_rate"]),
-        final_changed=summary["corrected_changed"],
-        final_change_rate=_optional(summary["corrected_changed_rate"]),
-        budget_exhausted=summary["budget_exhausted"],
-        frames_corrected=summary["frames_corrected"],
-        mean_iterations=_optional(summary["mean_iterations"]),
-        p95_iterations=_optional(summary["p95_iterations"]),
-        max_iterations=max((f.iterations for f in frames), default=0),
-        latency_p50_ms=_optional(percentile(latencies, 50)),
-        latency_p95_ms=_optional(percentile(latencies, 95)),
-        latency_p99_ms=_optional(percentile(latencies, 99)),
-        frames_per_second=len(frames) / seconds if seconds else None,
-        residual_faces=faces,
-        residual_plates=plates,
-        residual_detections=faces + plates,
-        dead_letters=len(dead_letters),
+    return MonitorFigures(
+        **figures(records, seconds).model_dump(),
+        p99_latency_ms=p99_latency_ms(records),
+        dead_letter_messages=len(dead_letters),
         dead_letters_by_reason=dict(sorted(reasons.items())),
     )
+
+
+def _held(record: FrameRecord) -> FrameRecord:
+    # A long window holds many records: boxes and error text are not figures, so they are not kept.
+    # (The test that the monitor's figures equal `stats.figures` feeds records with both.)
+    if not record.detections and record.detail is None:
+        return record
+    return record.model_copy(update={"detections": [], "detail": None})
 
 
 class SnapshotBuilder:
     """Accumulates frame records and dead letters; `snapshot()` computes the figures of what it holds."""
 
     def __init__(self) -> None:
-        self._frames: list[_Frame] = []
+        self._frames: list[tuple[datetime, FrameRecord]] = []
         self._dead_letters: list[DeadLetter] = []
         self.invalid_records = 0
 
     def __len__(self) -> int:
         return len(self._frames)
 
-    def add_frame(self, record: FrameMetrics) -> None:
-        self._frames.append(_Frame.of(record))
+    def add_frame(self, record: FrameRecord) -> None:
+        self._frames.append((as_utc(record.time), _held(record)))
 
     def add_dead_letter(self, dead_letter: DeadLetter) -> None:
         self._dead_letters.append(dead_letter)
@@ -271,7 +217,7 @@ class SnapshotBuilder:
     def discard_before(self, start: datetime) -> None:
         """Forget frames and dead letters older than `start` (the live dashboard's sliding window)."""
         start = as_utc(start)
-        self._frames = [f for f in self._frames if f.time >= start]
+        self._frames = [(time, record) for time, record in self._frames if time >= start]
         self._dead_letters = [d for d in self._dead_letters if d.time is None or d.time >= start]
 
     def snapshot(
@@ -282,33 +228,36 @@ class SnapshotBuilder:
         lag: ConsumerLag | None = None,
     ) -> Snapshot:
         """The figures of everything held; missing window bounds are taken from the frames' times."""
-        times = [f.time for f in self._frames]
+        times = [time for time, _ in self._frames]
         start = as_utc(window_start) if window_start is not None else min(times, default=None)
         end = as_utc(window_end) if window_end is not None else max(times, default=None)
         seconds = (end - start).total_seconds() if start is not None and end is not None else None
         usable = seconds if seconds is not None and seconds > 0 else None
-        cameras = sorted({f.camera_id for f in self._frames} | {d.camera_id for d in self._dead_letters if d.camera_id})
+        records = [record for _, record in self._frames]
+        by_camera: defaultdict[str, list[FrameRecord]] = defaultdict(list)
+        for record in records:
+            by_camera[record.camera_id].append(record)
+        dead_by_camera: defaultdict[str, list[DeadLetter]] = defaultdict(list)
+        for dead_letter in self._dead_letters:
+            if dead_letter.camera_id:
+                dead_by_camera[dead_letter.camera_id].append(dead_letter)
         return Snapshot(
             window_start=start,
             window_end=end,
             window_seconds=seconds,
-            overall=_figures(self._frames, self._dead_letters, usable),
+            overall=monitor_figures(records, self._dead_letters, usable),
             cameras={
-                camera: _figures(
-                    [f for f in self._frames if f.camera_id == camera],
-                    [d for d in self._dead_letters if d.camera_id == camera],
-                    usable,
-                )
-                for camera in cameras
+                camera: monitor_figures(by_camera[camera], dead_by_camera[camera], usable)
+                for camera in sorted(by_camera.keys() | dead_by_camera.keys())
             },
-            workers=sorted({f.worker for f in self._frames}),
+            workers=sorted({record.worker for record in records}),
             invalid_records=self.invalid_records,
             lag=lag,
         )
 
 
 def build_snapshot(
-    frames: Iterable[FrameMetrics],
+    frames: Iterable[FrameRecord],
     dead_letters: Iterable[DeadLetter] = (),
     *,
     window_start: datetime | None = None,

@@ -1,0 +1,1 @@
+"""Test and dev tooling that is not part of the installed package (real Kafka-protocol brokers)."""
