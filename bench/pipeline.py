@@ -1,20 +1,20 @@
-"""End-to-end throughput on a real video, CPU only.
+"""End-to-end throughput of the product on a real video; measurements only.
 
-Variants, all on the same decoded frames:
-  (a)  detect: the default CombinedDetector (CenterFace faces + YOLO plates);
-  (b)  naive: detect + blur + JPEG encode (`Pipeline.prepare` + `encode_frame`: no classifier, no correction);
-  (c)  full: `build_pipeline(load_config())` with classification and correction, residual check off;
-  (c') the same with the residual check on;
-  ours faces-only: CenterFace only + blur + encode, no classifier;
+Variants, all on the same decoded frames, each built by `factory.build_pipeline` from the given config:
+  (a)  detect: the configured CombinedDetector alone (default: CenterFace faces + YOLO plates);
+  (b)  naive: the pipeline with `correction.enabled: false`, residual check off (detect + blur + encode);
+  (c)  full: the pipeline with correction on, `pipeline.residual_check: off`;
+  (c') the same with the residual check on (the config's mode, `flag` if the config turns it off);
+  ours faces-only: the naive pipeline with only the CenterFace backends;
   deface: deface's own per-frame code as its CLI runs it (CenterFace on its backend, then `anonymize_frame` with
-       the CLI defaults: threshold 0.2, mask scale 1.3, ellipse blur), with its onnxruntime and OpenCV backends.
-Bench-only prototypes of optimizations (`--prototypes`, on by default) run beside them; nothing in src/ changes.
+       the CLI defaults: threshold 0.2, mask scale 1.3, ellipse blur), on its onnxruntime and OpenCV backends.
 
 Other processes share the CPU and their load changes within seconds, so the variants run interleaved: in each round,
 every variant runs on one chunk of the frames (--chunk) before any runs on the next, in a shuffled order per chunk.
 frames/s are medians of the per-round values; each measurement also records the CPU time other processes used
-meanwhile, so quiet and busy measurements can be told apart. A profiled pass of the full pipeline then splits its
-time per stage. Prints tables and writes bench/results/pipeline.json.
+meanwhile, so quiet and busy measurements can be told apart. A profiled pass of (c') then splits its time per stage
+from the per-frame timings every outcome carries, with a finer split inside detection and correction. Prints tables
+and writes bench/results/pipeline.json.
 """
 
 from __future__ import annotations
@@ -26,48 +26,29 @@ import json
 import os
 import platform
 import random
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import cv2
-import numpy as np
 import torch
 
-import veilstream.codec
-import veilstream.correction.corrector
-import veilstream.pipeline
-from veilstream.codec import Codec, Frame, decode_frame, encode_frame
-from veilstream.config import VeilstreamConfig, load_config
-from veilstream.correction.anonymizers import GaussianBlur
-from veilstream.correction.classifier import Classifier, Ensemble
-from veilstream.correction.corrector import AdaptiveCorrector, CorrectionResult
-from veilstream.correction.regions import Region
-from veilstream.detectors import CenterFaceDetector, CombinedDetector, Detection, Detector, YoloDetector
-from veilstream.detectors.combined import downscale_factor
-from veilstream.detectors.config import YoloBackendConfig
-from veilstream.detectors.weights import resolve_weights
+import veilstream.publishing.encoding
+from veilstream.config import VeilstreamConfig, load_config, resolve_device
+from veilstream.decoding.files import iter_video
+from veilstream.decoding.images import Frame
+from veilstream.detectors import CenterFaceBackendConfig, CombinedDetector, Detector, YoloDetector
+from veilstream.detectors.finders import DetectorRegionFinder
 from veilstream.factory import build_pipeline
-from veilstream.pipeline import (
-    DetectorRegionFinder,
-    FoundRegions,
-    FrameOutcome,
-    Pipeline,
-    Prepared,
-    RegionFinder,
-    residual_detections,
-)
-from veilstream.sources import iter_video
+from veilstream.outcome import FrameOutcome
+from veilstream.pipeline import Pipeline
+from veilstream.publishing.encoding import Encoder
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path(os.environ.get("VEILSTREAM_CACHE", Path.home() / ".cache" / "veilstream"))
@@ -80,9 +61,19 @@ DEFACE_MASK_SCALE = 1.3
 # A measurement is "quiet" when other processes used less than this share of the machine's cores meanwhile.
 QUIET_SHARE = 0.25
 
-# Issue targets.
-TARGET_FULL_OVER_DETECT = 0.85
-TARGET_FACES_OVER_DEFACE = 1.5
+# The throughput issue's targets: name -> (variant, over variant, at least).
+TARGETS = {
+    "default (c') >= 0.85 x detect (a)": ("full_residual", "detect", 0.85),
+    "faces-only >= 2 x deface onnxrt": ("faces", "deface_onnxrt", 2.0),
+}
+RATIOS = {
+    "(b)/(a) naive/detect": ("naive", "detect"),
+    "(c)/(a) full/detect": ("full", "detect"),
+    "(c')/(a) full_residual/detect": ("full_residual", "detect"),
+    "faces/deface_onnxrt": ("faces", "deface_onnxrt"),
+    "faces/deface_onnxrt_jpeg": ("faces", "deface_onnxrt_jpeg"),
+    "faces/deface_opencv": ("faces", "deface_opencv"),
+}
 
 
 # --- running variants -------------------------------------------------------------------------------------------
@@ -96,7 +87,8 @@ class FrameSummary:
     plates: int = 0
     decisions: tuple[int, ...] = ()
     residual: int = 0
-    published: bool = True
+    failed: bool = False
+    """A pipeline outcome that is not published (masked or dropped): its frames/s would flatter the variant."""
 
 
 Run = Callable[[Sequence[Frame]], list[FrameSummary]]
@@ -107,8 +99,6 @@ class Variant:
     key: str
     label: str
     run: Run
-    prototype: bool = False
-    torch_threads: int | None = None
     # Per round: frames/s, process CPU ms per frame, share of the cores other processes used meanwhile.
     fps: list[float] = field(default_factory=list)
     cpu_ms: list[float] = field(default_factory=list)
@@ -121,29 +111,18 @@ class Variant:
     def median_fps(self) -> float:
         return statistics.median(self.fps) if self.fps else float("nan")
 
-    def fps_when(self, quiet: bool) -> list[float]:
-        """frames/s of the chunk measurements that were quiet (or busy): other processes used less than (at least)
-        QUIET_SHARE of the cores meanwhile."""
-        return [f for f, o in self.chunks if (o < QUIET_SHARE) == quiet]
-
     @property
     def median_cpu_ms(self) -> float:
         return statistics.median(self.cpu_ms) if self.cpu_ms else float("nan")
 
+    def fps_when(self, quiet: bool) -> list[float]:
+        """frames/s of the chunk measurements during which other processes used less than (quiet) or at least
+        (busy) QUIET_SHARE of the cores."""
+        return [f for f, o in self.chunks if (o < QUIET_SHARE) == quiet]
+
 
 def batches(frames: Sequence[Frame], size: int) -> list[Sequence[Frame]]:
     return [frames[i : i + size] for i in range(0, len(frames), size)]
-
-
-@contextlib.contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def machine_busy_seconds() -> float | None:
@@ -178,12 +157,11 @@ class Measurement:
 
 def timed(variant: Variant, frames: Sequence[Frame]) -> Measurement:
     """One pass of `variant` over `frames`."""
-    with torch_threads(variant.torch_threads):
-        busy = machine_busy_seconds()
-        start, cpu = time.perf_counter(), time.process_time()
-        summaries = variant.run(frames)
-        elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu
-        busy_after = machine_busy_seconds()
+    busy = machine_busy_seconds()
+    start, cpu = time.perf_counter(), time.process_time()
+    summaries = variant.run(frames)
+    elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu
+    busy_after = machine_busy_seconds()
     others = float("nan")
     if busy is not None and busy_after is not None:
         others = max(0.0, busy_after - busy - cpu_elapsed)
@@ -203,15 +181,8 @@ def record_round(variant: Variant, parts: Sequence[Measurement]) -> None:
 
 
 def summarize(outcome: FrameOutcome) -> FrameSummary:
-    found = outcome.found
     decisions = tuple(d.index for d in outcome.correction.final) if outcome.correction else ()
-    return FrameSummary(
-        found.faces if found else 0,
-        found.plates if found else 0,
-        decisions,
-        len(outcome.residual),
-        outcome.published is not None,
-    )
+    return FrameSummary(outcome.faces, outcome.plates, decisions, len(outcome.residual), outcome.kind != "published")
 
 
 def run_detect(detector: Detector, batch_size: int) -> Run:
@@ -226,49 +197,9 @@ def run_detect(detector: Detector, batch_size: int) -> Run:
     return run
 
 
-def run_naive(pipeline: Pipeline, batch_size: int, codec: Codec, quality: int) -> Run:
-    """Regions found and anonymized by the pipeline's own `prepare`, then encoded for publishing; no classifier."""
-
-    def run(frames: Sequence[Frame]) -> list[FrameSummary]:
-        out: list[FrameSummary] = []
-        for batch in batches(frames, batch_size):
-            prepared = pipeline.prepare(batch)
-            for found, anonymized in zip(prepared.found, prepared.anonymized, strict=True):
-                if anonymized is None or not isinstance(found, FoundRegions):
-                    out.append(FrameSummary(0, published=False))
-                    continue
-                encode_frame(anonymized, codec, quality)
-                out.append(FrameSummary(found.faces, found.plates))
-        return out
-
-    return run
-
-
 def run_pipeline(pipeline: Pipeline, batch_size: int) -> Run:
     def run(frames: Sequence[Frame]) -> list[FrameSummary]:
         return [summarize(o) for batch in batches(frames, batch_size) for o in pipeline.process(batch)]
-
-    return run
-
-
-def run_overlapped(pipeline: Pipeline, batch_size: int) -> Run:
-    """Prototype: `prepare` (detect + anonymize) of batch k+1 in a worker thread while batch k is corrected.
-
-    Torch and onnxruntime release the GIL, and the YOLO backend runs on one torch thread (Ultralytics sets
-    torch's thread count to cores - 1), so on 2 cores one core idles during YOLO unless something overlaps it.
-    """
-
-    def run(frames: Sequence[Frame]) -> list[FrameSummary]:
-        parts = batches(frames, batch_size)
-        out: list[FrameSummary] = []
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(pipeline.prepare, parts[0])
-            for following in [*parts[1:], None]:
-                prepared = pending.result()
-                if following is not None:
-                    pending = pool.submit(pipeline.prepare, following)
-                out.extend(summarize(o) for o in pipeline.correct(prepared))
-        return out
 
     return run
 
@@ -304,7 +235,7 @@ def load_deface(backend: str) -> Deface | str:
     return Deface(backend, centerface, anonymize_frame, str(__version__))
 
 
-def run_deface(deface: Deface, encode: tuple[Codec, int] | None = None) -> Run:
+def run_deface(deface: Deface, encoder: Encoder | None = None) -> Run:
     """deface's `video_detect` loop body: detect, then blur in place (CLI defaults); optionally encode as we do."""
 
     def run(frames: Sequence[Frame]) -> list[FrameSummary]:
@@ -322,191 +253,77 @@ def run_deface(deface: Deface, encode: tuple[Codec, int] | None = None) -> Run:
                 replaceimg=None,
                 mosaicsize=20,
             )
-            if encode is not None:
-                encode_frame(pixels, *encode)
+            if encoder is not None:
+                encoder.encode(pixels)
             out.append(FrameSummary(len(dets)))
         return out
 
     return run
 
 
-# --- prototypes (bench-only) ------------------------------------------------------------------------------------
+# --- assembling the variants ------------------------------------------------------------------------------------
 
 
-def _ort_options() -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # As CenterFaceDetector does: spinning idle workers starve torch running next in the process.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
+def changed(config: VeilstreamConfig, **sections: dict[str, Any]) -> VeilstreamConfig:
+    """`config` with some keys of some sections replaced, validated again."""
+    data = config.model_dump()
+    for section, values in sections.items():
+        data[section] = {**data[section], **values}
+    return VeilstreamConfig.model_validate(data)
 
 
-def onnx_session(classifier: Classifier) -> Any:
-    """The classifier's network exported to ONNX (in memory) in an onnxruntime session."""
-    import onnxruntime as ort
-
-    height, width = classifier.preprocessing.input_size
-    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        path = Path(folder) / "classifier.onnx"
-        torch.onnx.export(
-            classifier.model,
-            (torch.zeros(1, 3, height, width, device=classifier.device),),
-            path,
-            dynamo=False,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=17,
-        )
-        model = path.read_bytes()
-    return ort.InferenceSession(model, sess_options=_ort_options(), providers=["CPUExecutionProvider"])
+@dataclass
+class Setup:
+    variants: list[Variant]
+    profiled: Pipeline
+    deface: dict[str, str]
 
 
-class OnnxDecisionEnsemble(Ensemble):
-    """Prototype: forward-only decisions (reference and published checks) on onnxruntime.
-
-    Preprocessing stays in torch, and so does `loss`, so correction gradients are unchanged.
-    """
-
-    def __init__(self, members: Sequence[Classifier]) -> None:
-        super().__init__(members)
-        self.sessions = [onnx_session(m) for m in members]
-
-    def decide(self, frames: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            pairs = []
-            for member, session in zip(self.members, self.sessions, strict=True):
-                batch = member.preprocessing(frames).contiguous().cpu().numpy()
-                (logits,) = session.run(["logits"], {"input": batch})
-                pairs.append(member.decide_logits(torch.from_numpy(logits).to(member.device)))
-        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+def combined_detector(pipeline: Pipeline) -> CombinedDetector:
+    finder = pipeline.finder
+    if not isinstance(finder, DetectorRegionFinder) or not isinstance(finder.detector, CombinedDetector):
+        raise SystemExit("bench/pipeline.py needs detector regions from a CombinedDetector")
+    return finder.detector
 
 
-@dataclass(frozen=True)
-class OneByOne:
-    """Prototype: a backend given one frame per call. On this CPU CenterFace at 768x576 runs slower per frame in
-    onnxruntime batches of 4 (activations of 4 full frames do not stay in cache) than frame by frame."""
-
-    detector: Detector
-
-    def detect(self, frames: Sequence[Frame]) -> list[list[Detection]]:
-        return [found for frame in frames for found in self.detector.detect([frame])]
-
-
-def backend_kinds(detector: Detector) -> set[str] | None:
-    """The kinds a backend can report, None if unknown."""
-    if isinstance(detector, OneByOne):
-        return backend_kinds(detector.detector)
-    if isinstance(detector, CenterFaceDetector):
-        return {"face"}
-    if isinstance(detector, YoloDetector):
-        return set(detector.thresholds)
-    return None
-
-
-class KindAwareResidualPipeline(Pipeline):
-    """Prototype: the residual check runs, per frame, only the backends whose kinds were anonymized in it.
-
-    `residual_detections` only keeps new boxes of the kind of an anonymized box, and CombinedDetector only merges
-    same-kind boxes, so skipping frames without detections and backends of absent kinds changes no result.
-    """
-
-    def _residuals(
-        self, prepared: Prepared, corrected: dict[int, object]
-    ) -> tuple[dict[int, tuple[Detection, ...]], dict[str, float]]:
-        detector = self.residual_detector
-        if not isinstance(detector, CombinedDetector):
-            return super()._residuals(prepared, corrected)
-        start = time.perf_counter()
-        checked: list[tuple[int, FoundRegions, Frame]] = []
-        for i, result in corrected.items():
-            found = prepared.found[i]
-            if isinstance(result, CorrectionResult) and isinstance(found, FoundRegions) and found.detections:
-                checked.append((i, found, decode_frame(result.published)))
-        if any(downscale_factor(f.shape[1], f.shape[0], detector.max_side) != 1.0 for _, _, f in checked):
-            return super()._residuals(prepared, corrected)
-        raw: dict[int, list[Detection]] = {i: [] for i, _, _ in checked}
-        for backend in detector.detectors:
-            kinds = backend_kinds(backend)
-            wanted = [(i, f) for i, found, f in checked if kinds is None or kinds & {d.kind for d in found.detections}]
-            if wanted:
-                for (i, _), again in zip(wanted, backend.detect([f for _, f in wanted]), strict=True):
-                    raw[i].extend(again)
-        residual = {
-            i: tuple(residual_detections(found, detector.postprocess(raw[i], f.shape[1], f.shape[0])))
-            for i, found, f in checked
-        }
-        elapsed = (time.perf_counter() - start) * 1000 / max(1, len(prepared.originals))
-        return residual, {"residual_check": elapsed}
-
-
-def cv2_blur(frame: Frame, regions: Sequence[Region], blur: GaussianBlur) -> Frame:
-    """Prototype of GaussianBlur on uint8 crops with OpenCV: same sigma, kernel, context margin and reflect border,
-    and no full-frame float tensor round trip."""
-    out = frame.copy()
-    height, width = frame.shape[:2]
-    margin = max((blur.parameters_for(r)[1] for r in regions), default=1) // 2
-    for region in regions:
-        bounds = region.pixel_bounds(height, width)
-        if bounds is None:
+def build_variants(config: VeilstreamConfig, batch_size: int) -> Setup:
+    residual_mode = config.pipeline.residual_check if config.pipeline.residual_check != "off" else "flag"
+    correcting = changed(config, correction={"enabled": True})
+    full_residual = build_pipeline(changed(correcting, pipeline={"residual_check": residual_mode}))
+    full = build_pipeline(changed(correcting, pipeline={"residual_check": "off"}))
+    naive_config = changed(config, correction={"enabled": False}, pipeline={"residual_check": "off"})
+    naive = build_pipeline(naive_config)
+    centerfaces = [b for b in config.detectors.backends if isinstance(b, CenterFaceBackendConfig)]
+    if not centerfaces:
+        raise SystemExit("the configured detectors have no CenterFace backend")
+    faces = build_pipeline(changed(naive_config, detectors={"backends": centerfaces}))
+    codec = f"{naive.encoder.codec.upper()} q{naive.encoder.quality}"
+    variants = [
+        Variant("detect", "(a) detect: CenterFace + YOLO", run_detect(combined_detector(full), batch_size)),
+        Variant("naive", f"(b) naive: detect + blur + {codec}", run_pipeline(naive, batch_size)),
+        Variant("full", "(c) full, residual check off", run_pipeline(full, batch_size)),
+        Variant("full_residual", f"(c') full, residual check {residual_mode}", run_pipeline(full_residual, batch_size)),
+        Variant("faces", f"ours faces-only: CenterFace+blur+{codec}", run_pipeline(faces, batch_size)),
+    ]
+    deface_status: dict[str, str] = {}
+    for backend in ("onnxrt", "opencv"):
+        loaded = load_deface(backend)
+        if isinstance(loaded, str):
+            deface_status[backend] = loaded
             continue
-        x1, y1, x2, y2 = bounds
-        cx1, cy1 = max(0, x1 - margin), max(0, y1 - margin)
-        cx2, cy2 = min(width, x2 + margin), min(height, y2 + margin)
-        sigma, kernel = blur.parameters_for(region)
-        blurred = cv2.GaussianBlur(
-            frame[cy1:cy2, cx1:cx2], (kernel, kernel), sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101
-        )
-        inner = blurred[y1 - cy1 : y2 - cy1, x1 - cx1 : x2 - cx1]
-        if region.shape == "box":
-            out[y1:y2, x1:x2] = inner
-        else:
-            inside = region.crop_mask(bounds, torch.device("cpu")).numpy()
-            np.copyto(out[y1:y2, x1:x2], inner, where=inside[:, :, None])
-    return out
-
-
-def run_faces_cv2(finder: RegionFinder, blur: GaussianBlur, batch_size: int, codec: Codec, quality: int) -> Run:
-    def run(frames: Sequence[Frame]) -> list[FrameSummary]:
-        out: list[FrameSummary] = []
-        for batch in batches(frames, batch_size):
-            for frame, found in zip(batch, finder.find(batch), strict=True):
-                anonymized = cv2_blur(frame, found.regions, blur) if found.regions else frame
-                encode_frame(anonymized, codec, quality)
-                out.append(FrameSummary(found.faces, found.plates))
-        return out
-
-    return run
-
-
-def export_yolo_onnx(backend: YoloBackendConfig, cache: Path) -> Path:
-    """The backend's `.pt` weights exported once to a dynamic-shape ONNX file under `cache`."""
-    weights = resolve_weights(backend.weights)
-    if weights.suffix == ".onnx":
-        return weights
-    folder = cache / "bench" / "yolo-onnx"
-    target = folder / f"{weights.stem}.onnx"
-    if not target.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(weights, folder / weights.name)
-        from ultralytics.models.yolo import YOLO
-
-        with torch_threads(None), contextlib.redirect_stdout(io.StringIO()):
-            exported = YOLO(str(folder / weights.name), task="detect").export(
-                format="onnx", imgsz=backend.imgsz, dynamic=True, simplify=False, verbose=False
-            )
-        Path(exported).replace(target)
-    return target
+        deface_status[backend] = f"deface {loaded.version}, backend {backend}"
+        variants.append(Variant(f"deface_{backend}", f"deface {backend}: detect+blur", run_deface(loaded)))
+        if backend == "onnxrt":
+            jpeg = run_deface(loaded, naive.encoder)
+            variants.append(Variant("deface_onnxrt_jpeg", f"deface onnxrt: detect+blur+{codec}", jpeg))
+    return Setup(variants, full_residual, deface_status)
 
 
 # --- per-stage profile ------------------------------------------------------------------------------------------
 
 
 class StageProfile:
-    """Inclusive wall time per call path (e.g. 'correct/publish_check/classify') of wrapped callables."""
+    """Inclusive wall time per call path (e.g. 'correct/published_check/classify') of wrapped callables."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
@@ -519,17 +336,14 @@ class StageProfile:
         self.seconds[path] += seconds
         self.calls[path] += 1
 
-    def enter(self, name: str) -> None:
-        """Registers the path on entry, so the table lists stages in the order they first ran."""
-        self._stack.append(name)
-        self.seconds.setdefault("/".join(self._stack), 0.0)
-
     def wrap(self, owner: object, attribute: str, name: str, after: Callable[[Any], None] | None = None) -> None:
         original = getattr(owner, attribute)
         own = isinstance(owner, ModuleType) or attribute in vars(owner)
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            self.enter(name)
+            self._stack.append(name)
+            # Registered on entry, so paths are listed in the order they first ran.
+            self.seconds.setdefault("/".join(self._stack), 0.0)
             start = time.perf_counter()
             try:
                 result = original(*args, **kwargs)
@@ -548,241 +362,107 @@ class StageProfile:
         while self._undo:
             self._undo.pop()()
 
-    def table(self, frames: int) -> dict[str, dict[str, float]]:
-        """ms per frame and calls per path as a tree in running order; '(other)' is a parent's unwrapped rest."""
+    def below(self, parent: str, parent_seconds: float, frames: int) -> dict[str, dict[str, float]]:
+        """ms per frame and calls of the paths under `parent`, as a tree in running order; '(other)' is the rest
+        of `parent_seconds` that no wrapped call below it took."""
+        children = [p for p in self.seconds if p.rpartition("/")[0] == parent]
         rows: dict[str, dict[str, float]] = {}
-
-        def walk(parent: str) -> None:
-            children = [p for p in self.seconds if p.rpartition("/")[0] == parent]
-            if parent and children:
-                other = self.seconds[parent] - sum(self.seconds[c] for c in children)
-                rows[f"{parent}/(other)"] = {"ms_per_frame": other * 1000 / frames, "calls": 0}
-            for child in children:
-                rows[child] = {"ms_per_frame": self.seconds[child] * 1000 / frames, "calls": self.calls[child]}
-                walk(child)
-
-        walk("")
+        for child in children:
+            rows[child] = {"ms_per_frame": self.seconds[child] * 1000 / frames, "calls": self.calls[child]}
+            rows.update(self.below(child, self.seconds[child], frames))
+        if children:
+            other = parent_seconds - sum(self.seconds[c] for c in children)
+            rows[f"{parent}/(other)"] = {"ms_per_frame": other * 1000 / frames, "calls": 0}
         return rows
 
 
-def profile_pipeline(pipeline: Pipeline, frames: Sequence[Frame], batch_size: int) -> dict[str, Any]:
-    """One pass of `pipeline` with its stages wrapped in timers."""
-    profile = StageProfile()
-    finder = pipeline.finder
-    detector = finder.detector if isinstance(finder, DetectorRegionFinder) else None
+def finer_split(profile: StageProfile, pipeline: Pipeline) -> None:
+    """Timers inside the stages, where the outcome's per-stage timings are too coarse."""
+    # Context only: the stage whose timing a wrapped call below counts in. `prepare` runs detect and anonymize,
+    # and nothing wrapped runs in anonymize.
+    for method, stage in (("prepare", "detect"), ("_correct", "correct"), ("_encode", "encode")):
+        profile.wrap(pipeline, method, stage)
+    profile.wrap(pipeline, "_leak_check", "residual_check")
+    detectors = {id(d): d for d in (combined_detector(pipeline), pipeline.leak_detector) if d is not None}
+    backends = {id(b): b for d in detectors.values() if isinstance(d, CombinedDetector) for b in d.detectors}
+    for backend in backends.values():
+        if isinstance(backend, YoloDetector):
+
+            def ultralytics_speed(results: Any) -> None:
+                for result in results:
+                    for stage, ms in result.speed.items():
+                        profile.add(f"ultralytics_{stage}", ms / 1000)
+
+            profile.wrap(backend, "_predict", "predict", ultralytics_speed)
+        profile.wrap(backend, "detect", type(backend).__name__.removesuffix("Detector").lower())
     corrector = pipeline.corrector
-    if isinstance(detector, CombinedDetector):
-        profile.wrap(detector, "detect", "detect")
-        for backend in detector.detectors:
-            if isinstance(backend, YoloDetector):
-                yolo = backend
+    if corrector is not None:
+        profile.wrap(corrector, "reference", "reference")
+        profile.wrap(corrector, "_check", "published_check")
+        profile.wrap(corrector, "_step", "step")
+        profile.wrap(corrector.ensemble, "decide", "classify")
+    profile.wrap(veilstream.publishing.encoding, "publish_roundtrip", "encode+decode")
 
-                def ultralytics_speed(results: Any) -> None:
-                    for result in results:
-                        for stage, ms in result.speed.items():
-                            profile.add(f"ultralytics_{stage}", ms / 1000)
 
-                profile.wrap(yolo, "_predict", "predict", ultralytics_speed)
-            profile.wrap(backend, "detect", type(backend).__name__.removesuffix("Detector").lower())
-    profile.wrap(pipeline, "_anonymize", "anonymize")
-    profile.wrap(corrector, "correct", "correct")
-    profile.wrap(corrector, "reference", "reference")
-    profile.wrap(corrector, "_publish", "publish_check")
-    profile.wrap(corrector, "_step", "step")
-    profile.wrap(corrector.ensemble, "decide", "classify")
-    profile.wrap(veilstream.correction.corrector, "publish_roundtrip", "encode+decode")
-    profile.wrap(veilstream.codec, "encode_frame", "encode")
-    profile.wrap(pipeline, "_residuals", "residual_check")
-    profile.wrap(veilstream.pipeline, "decode_frame", "decode")
+def profile_pipeline(pipeline: Pipeline, frames: Sequence[Frame], batch_size: int) -> dict[str, Any]:
+    """One pass of `pipeline`: ms per frame per stage from the outcomes' timings, split further by timers."""
+    profile = StageProfile()
     outcomes: list[FrameOutcome] = []
-    start = time.perf_counter()
     try:
+        finer_split(profile, pipeline)
+        start = time.perf_counter()
         for batch in batches(frames, batch_size):
             outcomes.extend(pipeline.process(batch))
-    finally:
         elapsed = time.perf_counter() - start
+    finally:
         profile.restore()
-    iterations = [o.correction.iterations for o in outcomes if o.correction]
+    stage_ms: dict[str, float] = defaultdict(float)
+    stage_frames: dict[str, int] = defaultdict(int)
+    for outcome in outcomes:
+        for stage, ms in outcome.timings_ms.items():
+            stage_ms[stage] += ms
+            stage_frames[stage] += 1
+    count = len(frames)
+    stages: dict[str, dict[str, float]] = {}
+    for stage, ms in stage_ms.items():
+        stages[stage] = {"ms_per_frame": ms / count, "frames": stage_frames[stage]}
+        stages.update(profile.below(stage, ms / 1000, count))
     reasons: dict[str, int] = defaultdict(int)
+    kinds: dict[str, int] = defaultdict(int)
     for o in outcomes:
-        reasons[o.correction.stop_reason if o.correction else "error"] += 1
+        kinds[o.kind] += 1
+        if o.correction is not None:
+            reasons[o.correction.stop_reason] += 1
     return {
-        "frames_per_s": len(frames) / elapsed,
-        "ms_per_frame": elapsed * 1000 / len(frames),
-        "stages": profile.table(len(frames)),
-        "correction_iterations_total": sum(iterations),
+        "frames_per_s": count / elapsed,
+        "ms_per_frame": elapsed * 1000 / count,
+        "stages_ms_per_frame_total": sum(stage_ms.values()) / count,
+        "stages": stages,
+        "outcomes": dict(kinds),
+        "correction_iterations_total": sum(o.correction.iterations for o in outcomes if o.correction),
         "stop_reasons": dict(reasons),
-        "frames_with_detections": sum(1 for o in outcomes if o.found and o.found.detections),
+        "frames_with_detections": sum(1 for o in outcomes if o.detections),
+        "residual_detections": sum(len(o.residual) for o in outcomes),
     }
 
 
 def print_profile(name: str, profile: dict[str, Any]) -> None:
     print(f"\nprofile: {name}  ({profile['frames_per_s']:.2f} frames/s, {profile['ms_per_frame']:.1f} ms/frame)")
     for path, row in profile["stages"].items():
-        depth = path.count("/")
-        label = "  " * depth + path.rsplit("/", 1)[-1]
-        calls = f"{int(row['calls'])} calls" if row["calls"] else ""
-        print(f"  {label:<44} {row['ms_per_frame']:>8.2f} ms/frame  {calls}")
+        label = "  " * path.count("/") + path.rsplit("/", 1)[-1]
+        if "frames" in row:
+            count = f"{int(row['frames'])} frames"
+        else:
+            count = f"{int(row['calls'])} calls" if row["calls"] else ""
+        print(f"  {label:<44} {row['ms_per_frame']:>8.2f} ms/frame  {count}")
+    total = profile["stages_ms_per_frame_total"]
+    print(f"  {'sum of the stages':<44} {total:>8.2f} ms/frame")
+    print(f"  {'outside the stages (wall - sum)':<44} {profile['ms_per_frame'] - total:>8.2f} ms/frame")
     print(
-        f"  frames with detections: {profile['frames_with_detections']}, correction iterations: "
-        f"{profile['correction_iterations_total']}, stop reasons: {profile['stop_reasons']}"
+        f"  outcomes: {profile['outcomes']}, frames with detections: {profile['frames_with_detections']},"
+        f" residual detections: {profile['residual_detections']},"
+        f" correction iterations: {profile['correction_iterations_total']}, stop reasons: {profile['stop_reasons']}"
     )
-
-
-# --- assembling the variants ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Setup:
-    variants: list[Variant]
-    pipelines: dict[str, Pipeline]
-    deface: dict[str, str]
-    notes: list[str]
-
-
-def build_variants(config: VeilstreamConfig, batch_size: int, prototypes: bool) -> Setup:
-    codec, quality = config.publish.codec, config.publish.quality
-    residual_config = config.model_copy(update={"residual_check": True})
-    with_residual = build_pipeline(residual_config)
-    finder = with_residual.finder
-    if not isinstance(finder, DetectorRegionFinder) or not isinstance(finder.detector, CombinedDetector):
-        raise SystemExit("bench/pipeline.py needs detector regions from a CombinedDetector")
-    detector = finder.detector
-    # What build_pipeline builds with residual_check false: the same parts, no residual detector.
-    full = Pipeline(finder, with_residual.anonymizer, with_residual.corrector, with_residual.on_failure, None)
-    centerfaces = [d for d in detector.detectors if isinstance(d, CenterFaceDetector)]
-    if not centerfaces:
-        raise SystemExit("the configured detectors have no CenterFace backend")
-    faces_detector = CombinedDetector(
-        centerfaces, padding=detector.padding, merge_iou=detector.merge_iou, max_side=detector.max_side
-    )
-    # prepare() never touches the corrector: this pipeline only finds faces, blurs and is encoded by run_naive.
-    faces = Pipeline(
-        DetectorRegionFinder(faces_detector, config.anonymizer.shape), full.anonymizer, full.corrector, full.on_failure
-    )
-    variants = [
-        Variant("detect", "(a) detect: CenterFace + YOLO", run_detect(detector, batch_size)),
-        Variant("naive", "(b) naive: detect + blur + JPEG", run_naive(full, batch_size, codec, quality)),
-        Variant("full", "(c) full, residual check off", run_pipeline(full, batch_size)),
-        Variant("full_residual", "(c') full, residual check on", run_pipeline(with_residual, batch_size)),
-        Variant("faces", "ours faces-only: CenterFace+blur+JPEG", run_naive(faces, batch_size, codec, quality)),
-    ]
-    deface_status: dict[str, str] = {}
-    for backend in ("onnxrt", "opencv"):
-        loaded = load_deface(backend)
-        if isinstance(loaded, str):
-            deface_status[backend] = loaded
-            continue
-        deface_status[backend] = f"deface {loaded.version}, backend {backend}"
-        variants.append(Variant(f"deface_{backend}", f"deface {backend}: detect+blur", run_deface(loaded)))
-        if backend == "onnxrt":
-            variants.append(
-                Variant("deface_onnxrt_jpeg", "deface onnxrt: detect+blur+JPEG", run_deface(loaded, (codec, quality)))
-            )
-    pipelines = {"full_residual": with_residual}
-    notes: list[str] = []
-    if prototypes:
-        ort_corrector = AdaptiveCorrector(
-            OnnxDecisionEnsemble(full.corrector.ensemble.members), full.corrector.settings, full.corrector.device
-        )
-        full_ort = Pipeline(finder, full.anonymizer, ort_corrector, full.on_failure, None)
-        residual_ort = KindAwareResidualPipeline(finder, full.anonymizer, ort_corrector, full.on_failure, detector)
-        pipelines["full_residual_ort_kinds"] = residual_ort
-        variants += [
-            Variant("detect_t2", "P detect, torch 2 threads", run_detect(detector, batch_size), True, 2),
-            Variant("full_t2", "P full, torch 2 threads", run_pipeline(full, batch_size), True, 2),
-            Variant("full_ort", "P full, ORT classifier", run_pipeline(full_ort, batch_size), True),
-            Variant("full_ort_overlap", "P full, ORT cls + overlap", run_overlapped(full_ort, batch_size), True),
-            Variant(
-                "full_residual_ort_kinds",
-                "P full+res, ORT + kind-aware res",
-                run_pipeline(residual_ort, batch_size),
-                True,
-            ),
-            Variant(
-                "full_residual_ort_kinds_overlap",
-                "P full+res, ORT + kinds + overlap",
-                run_overlapped(residual_ort, batch_size),
-                True,
-            ),
-        ]
-        if isinstance(full.anonymizer, GaussianBlur):
-            blur = full.anonymizer
-            variants.append(
-                Variant(
-                    "faces_cv2",
-                    "P faces-only, OpenCV uint8 blur",
-                    run_faces_cv2(faces.finder, blur, batch_size, codec, quality),
-                    True,
-                )
-            )
-
-        def one_by_one(detectors: Sequence[Detector]) -> CombinedDetector:
-            return CombinedDetector(
-                [OneByOne(d) if isinstance(d, CenterFaceDetector) else d for d in detectors],
-                padding=detector.padding,
-                merge_iou=detector.merge_iou,
-                max_side=detector.max_side,
-            )
-
-        detect_cf1 = one_by_one(detector.detectors)
-        faces_cf1 = Pipeline(
-            DetectorRegionFinder(one_by_one(centerfaces), config.anonymizer.shape),
-            full.anonymizer,
-            full.corrector,
-            full.on_failure,
-        )
-        full_ort_cf1 = Pipeline(
-            DetectorRegionFinder(detect_cf1, config.anonymizer.shape), full.anonymizer, ort_corrector, full.on_failure
-        )
-        variants += [
-            Variant("detect_cf1", "P detect, CenterFace 1 frame/run", run_detect(detect_cf1, batch_size), True),
-            Variant(
-                "faces_cf1",
-                "P faces-only, CenterFace 1 frame/run",
-                run_naive(faces_cf1, batch_size, codec, quality),
-                True,
-            ),
-            Variant(
-                "full_ort_cf1_overlap",
-                "P full, ORT cls+CF 1/run+overlap",
-                run_overlapped(full_ort_cf1, batch_size),
-                True,
-            ),
-        ]
-        yolo_configs = [b for b in config.detectors.backends if isinstance(b, YoloBackendConfig)]
-        if len(yolo_configs) == 1:
-            try:
-                onnx_path = export_yolo_onnx(yolo_configs[0], CACHE)
-            except Exception as error:
-                notes.append(f"YOLO ONNX prototype skipped: {type(error).__name__}: {error}")
-            else:
-                yolo_onnx = YoloDetector(
-                    onnx_path,
-                    yolo_configs[0].class_map,
-                    yolo_configs[0].thresholds,
-                    yolo_configs[0].imgsz,
-                    config.detectors.device,
-                )
-                onnx_detector = CombinedDetector(
-                    [yolo_onnx if isinstance(d, YoloDetector) else d for d in detector.detectors],
-                    padding=detector.padding,
-                    merge_iou=detector.merge_iou,
-                    max_side=detector.max_side,
-                )
-                onnx_finder = DetectorRegionFinder(onnx_detector, config.anonymizer.shape)
-                full_ort_yolo = Pipeline(onnx_finder, full.anonymizer, ort_corrector, full.on_failure, None)
-                variants += [
-                    Variant("detect_yolo_onnx", "P detect, YOLO on ONNX", run_detect(onnx_detector, batch_size), True),
-                    Variant(
-                        "full_ort_yolo_onnx_overlap",
-                        "P full, ORT cls+YOLO ONNX+overlap",
-                        run_overlapped(full_ort_yolo, batch_size),
-                        True,
-                    ),
-                ]
-                notes.append(f"YOLO ONNX export: {onnx_path}")
-    return Setup(variants, pipelines, deface_status, notes)
 
 
 # --- report -----------------------------------------------------------------------------------------------------
@@ -824,96 +504,47 @@ def agreement(variants: dict[str, Variant], a: str, b: str, what: Callable[[Fram
 
 def sanity(variants: dict[str, Variant]) -> dict[str, Any]:
     totals = {
-        key: {"faces": sum(s.faces for s in v.first), "plates": sum(s.plates for s in v.first)}
+        key: {
+            "faces": sum(s.faces for s in v.first),
+            "plates": sum(s.plates for s in v.first),
+            "failed": sum(s.failed for s in v.first),
+            "residual": sum(s.residual for s in v.first),
+        }
         for key, v in variants.items()
         if v.first
     }
     checks = {
-        "full vs full_ort final decisions": agreement(variants, "full", "full_ort", lambda s: s.decisions),
-        "full vs full_t2 final decisions": agreement(variants, "full", "full_t2", lambda s: s.decisions),
-        "full_residual vs full_residual_ort_kinds residual boxes": agreement(
-            variants, "full_residual", "full_residual_ort_kinds", lambda s: s.residual
+        "detect vs full_residual (faces, plates)": agreement(
+            variants, "detect", "full_residual", lambda s: (s.faces, s.plates)
         ),
-        "detect vs detect_yolo_onnx (faces, plates)": agreement(
-            variants, "detect", "detect_yolo_onnx", lambda s: (s.faces, s.plates)
-        ),
-        "detect vs detect_cf1 (faces, plates)": agreement(
-            variants, "detect", "detect_cf1", lambda s: (s.faces, s.plates)
-        ),
+        "full vs full_residual final decisions": agreement(variants, "full", "full_residual", lambda s: s.decisions),
         "faces vs deface_onnxrt face count": agreement(variants, "faces", "deface_onnxrt", lambda s: s.faces),
         "deface_onnxrt vs deface_opencv face count": agreement(
             variants, "deface_onnxrt", "deface_opencv", lambda s: s.faces
         ),
     }
-    return {
-        "detections_total_first_round": totals,
-        "agreement": {k: v for k, v in checks.items() if v is not None},
-    }
+    return {"totals_first_round": totals, "agreement": {k: v for k, v in checks.items() if v is not None}}
 
 
-def blur_difference(pipeline: Pipeline, frames: Sequence[Frame]) -> float | None:
-    """Largest pixel difference between the torch GaussianBlur and the OpenCV prototype over `frames`."""
-    if not isinstance(pipeline.anonymizer, GaussianBlur):
-        return None
-    prepared = pipeline.prepare(frames)
-    worst = 0.0
-    for frame, found, anonymized in zip(frames, prepared.found, prepared.anonymized, strict=True):
-        if isinstance(found, FoundRegions) and found.regions and anonymized is not None:
-            mine = cv2_blur(frame, found.regions, pipeline.anonymizer)
-            worst = max(worst, float(np.abs(mine.astype(np.int16) - anonymized.astype(np.int16)).max()))
-    return worst
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--video", type=Path, default=DEFAULT_VIDEO)
-    parser.add_argument("--frames", type=int, default=120, help="first N frames of the video")
-    parser.add_argument("--repeats", type=int, default=3, help="timing rounds (every variant once per round)")
-    parser.add_argument(
-        "--chunk", type=int, default=24, help="frames each variant runs before the next one runs (interleaving)"
-    )
-    parser.add_argument("--config", type=Path, default=None, help="veilstream YAML (default: built-in defaults)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the config's pipeline.batch_size")
-    parser.add_argument("--prototypes", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--only", default=None, help="comma-separated variant keys to run (default: all)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "pipeline.json")
-    args = parser.parse_args()
-
-    frames = [s.frame for s in iter_video(args.video, 1, args.frames)]
-    if len(frames) < args.frames:
-        print(f"note: {args.video} has only {len(frames)} frames", file=sys.stderr)
-    config = load_config(args.config)
-    batch_size = args.batch_size or config.pipeline.batch_size
-    setup = build_variants(config, batch_size, args.prototypes)
-    variants = setup.variants
-    if args.only:
-        keep = set(args.only.split(","))
-        variants = [v for v in variants if v.key in keep]
-    by_key = {v.key: v for v in variants}
-    torch_default = torch.get_num_threads()
-    print(
-        f"{args.video.name}: {len(frames)} frames {frames[0].shape[1]}x{frames[0].shape[0]}, batch {batch_size}, "
-        f"{args.repeats} rounds, torch threads {torch_default}, {os.cpu_count()} cores"
-    )
-    for backend, status in setup.deface.items():
-        print(f"deface {backend}: {status}")
-
+def measure(variants: list[Variant], frames: Sequence[Frame], batch_size: int, chunk: int, repeats: int) -> None:
     for variant in variants:  # warm-up: first batch once
         timed(variant, frames[:batch_size])
     # Load from other processes changes within seconds: every variant runs on one chunk of the frames before any
     # runs on the next, in a shuffled order per chunk, so each variant's round is spread over the whole round.
-    chunks = batches(frames, args.chunk)
     order = random.Random(0)
-    for round_index in range(args.repeats):
+    for round_index in range(repeats):
         parts: dict[str, list[Measurement]] = {v.key: [] for v in variants}
-        for chunk in chunks:
+        for part in batches(frames, chunk):
             for variant in order.sample(variants, len(variants)):
-                parts[variant.key].append(timed(variant, chunk))
+                parts[variant.key].append(timed(variant, part))
         for variant in variants:
             record_round(variant, parts[variant.key])
         print(f"round {round_index + 1}: " + ", ".join(f"{v.key} {v.fps[-1]:.2f}" for v in variants), flush=True)
 
+
+def report(variants: list[Variant]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Prints the variants, ratios and targets; returns (ratios, targets)."""
+    by_key = {v.key: v for v in variants}
     detect_fps = by_key["detect"].median_fps if "detect" in by_key else None
     print(
         f"\n{'variant':<40} {'frames/s':>9} {'ms/frame':>9} {'CPU ms/fr':>9} {'vs (a)':>7} {'quiet':>7} {'busy':>7}"
@@ -931,129 +562,116 @@ def main() -> None:
         f"quiet/busy: medians over measurements during which other processes used < / >= {QUIET_SHARE:.0%} of the"
         " cores; others: their median share"
     )
-
-    candidates = {
-        "(c)/(a) full/detect": ratio(by_key, "full", "detect"),
-        "(c')/(a) full_residual/detect": ratio(by_key, "full_residual", "detect"),
-        "(b)/(a) naive/detect": ratio(by_key, "naive", "detect"),
-        "faces/deface_onnxrt": ratio(by_key, "faces", "deface_onnxrt"),
-        "faces/deface_opencv": ratio(by_key, "faces", "deface_opencv"),
-        "faces/deface_onnxrt_jpeg": ratio(by_key, "faces", "deface_onnxrt_jpeg"),
-        "P full_ort/detect": ratio(by_key, "full_ort", "detect"),
-        "P full_ort_overlap/detect": ratio(by_key, "full_ort_overlap", "detect"),
-        "P full_t2/detect_t2": ratio(by_key, "full_t2", "detect_t2"),
-        "P full_residual_ort_kinds/detect": ratio(by_key, "full_residual_ort_kinds", "detect"),
-        "P full_residual_ort_kinds_overlap/detect": ratio(by_key, "full_residual_ort_kinds_overlap", "detect"),
-        "P full_ort_yolo_onnx_overlap/detect_yolo_onnx": ratio(
-            by_key, "full_ort_yolo_onnx_overlap", "detect_yolo_onnx"
-        ),
-        "P detect_cf1/detect": ratio(by_key, "detect_cf1", "detect"),
-        "P full_ort_cf1_overlap/detect_cf1": ratio(by_key, "full_ort_cf1_overlap", "detect_cf1"),
-        "P full_ort_cf1_overlap/detect": ratio(by_key, "full_ort_cf1_overlap", "detect"),
-        "P faces_cf1/deface_onnxrt": ratio(by_key, "faces_cf1", "deface_onnxrt"),
-        "P faces_cv2/deface_onnxrt": ratio(by_key, "faces_cv2", "deface_onnxrt"),
-        "P faces_cv2/deface_opencv": ratio(by_key, "faces_cv2", "deface_opencv"),
-    }
-    ratios = {k: v for k, v in candidates.items() if v is not None}
-    goals = {"(c) >= 0.85 x (a)": ("(c)/(a) full/detect", TARGET_FULL_OVER_DETECT)}
-    for backend in ("onnxrt", "opencv"):
-        goals[f"faces-only >= 1.5 x deface {backend}"] = (f"faces/deface_{backend}", TARGET_FACES_OVER_DEFACE)
-    targets: dict[str, dict[str, Any]] = {}
-    for name, (key, goal) in goals.items():
-        if (values := ratios.get(key)) is not None and (value := values["of_medians"]) is not None:
-            targets[name] = {
-                "value": value,
-                "target": goal,
-                "met": value >= goal,
-                "quiet": values["quiet"],
-                "busy": values["busy"],
-            }
+    ratios: dict[str, dict[str, float | None]] = {}
+    for name, (top, bottom) in RATIOS.items():
+        if (values := ratio(by_key, top, bottom)) is not None:
+            ratios[name] = values
     print(f"\n{'ratio':<48} {'medians':>8} {'rounds':>8} {'CPU':>8} {'quiet':>8} {'busy':>8}")
     for name, values in ratios.items():
         columns = ("of_medians", "median_of_rounds", "cpu_time", "quiet", "busy")
         print(f"{name:<48} " + " ".join(_fmt(values[k]) for k in columns))
-    print()
-    for name, target in targets.items():
-        print(
-            f"target {name:<40} {target['value']:.2f}  {'MET' if target['met'] else 'NOT MET'}"
-            f"  (quiet {_fmt(target['quiet'], 0)}, busy {_fmt(target['busy'], 0)})"
-        )
+    targets: dict[str, Any] = {}
+    for name, (top, bottom, goal) in TARGETS.items():
+        if (values := ratio(by_key, top, bottom)) is not None and (value := values["of_medians"]) is not None:
+            targets[name] = {"value": value, "target": goal, "met": value >= goal}
+            targets[name] |= {"quiet": values["quiet"], "busy": values["busy"]}
+            print(
+                f"target {name:<40} {value:.2f}  {'MET' if value >= goal else 'NOT MET'}"
+                f"  (quiet {_fmt(values['quiet'], 0)}, busy {_fmt(values['busy'], 0)})"
+            )
+    return ratios, targets
 
-    checks = sanity(by_key)
-    if args.prototypes:
-        checks["max |torch blur - OpenCV blur| (levels)"] = blur_difference(setup.pipelines["full_residual"], frames)
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--video", type=Path, default=DEFAULT_VIDEO)
+    parser.add_argument("--frames", type=int, default=120, help="first N frames of the video")
+    parser.add_argument("--repeats", type=int, default=3, help="timing rounds (every variant once per round)")
+    parser.add_argument(
+        "--chunk", type=int, default=24, help="frames each variant runs before the next one runs (interleaving)"
+    )
+    parser.add_argument("--config", type=Path, default=None, help="veilstream YAML (default: built-in defaults)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the config's pipeline.batch_size")
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--only", default=None, help="comma-separated variant keys to run (default: all)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "pipeline.json")
+    args = parser.parse_args()
+
+    frames = [s.frame for s in iter_video(args.video, 1, args.frames)]
+    if len(frames) < args.frames:
+        print(f"note: {args.video} has only {len(frames)} frames", file=sys.stderr)
+    config = load_config(args.config)
+    batch_size = args.batch_size or config.pipeline.batch_size
+    setup = build_variants(config, batch_size)
+    variants = setup.variants
+    if args.only:
+        keep = set(args.only.split(","))
+        variants = [v for v in variants if v.key in keep]
+    device = resolve_device(config.device)
+    torch_default = torch.get_num_threads()
+    print(
+        f"{args.video.name}: {len(frames)} frames {frames[0].shape[1]}x{frames[0].shape[0]}, batch {batch_size},"
+        f" {args.repeats} rounds, device {device} (deface: cpu), torch threads {torch_default}, {os.cpu_count()} cores"
+    )
+    for backend, status in setup.deface.items():
+        print(f"deface {backend}: {status}")
+
+    measure(variants, frames, batch_size, args.chunk, args.repeats)
+    ratios, targets = report(variants)
+    checks = sanity({v.key: v for v in variants})
     print("\nsanity:", json.dumps(checks, indent=1))
-    for note in setup.notes:
-        print("note:", note)
-
     profiles: dict[str, Any] = {}
     if args.profile:
-        profiles["full_residual"] = profile_pipeline(setup.pipelines["full_residual"], frames, batch_size)
+        profiles["full_residual"] = profile_pipeline(setup.profiled, frames, batch_size)
         print_profile("(c') full pipeline, residual check on", profiles["full_residual"])
-        if "full_residual_ort_kinds" in setup.pipelines:
-            profiles["full_residual_ort_kinds"] = profile_pipeline(
-                setup.pipelines["full_residual_ort_kinds"], frames, batch_size
-            )
-            print_profile(
-                "P full + residual, ORT classifier + kind-aware residual", profiles["full_residual_ort_kinds"]
-            )
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     import onnxruntime
 
-    args.out.write_text(
-        json.dumps(
-            {
-                "command": " ".join(["python", *sys.argv]),
-                "video": str(args.video),
-                "frames": len(frames),
-                "frame_size": [frames[0].shape[1], frames[0].shape[0]],
-                "repeats": args.repeats,
-                "batch_size": batch_size,
-                "chunk": args.chunk,
-                "statistic": "median of per-round frames/s; within a round every variant runs on one chunk of the"
-                " frames before any runs on the next, in a shuffled order per chunk",
-                "quiet_share": QUIET_SHARE,
-                "ratios_note": "of_medians: ratio of median frames/s; median_of_rounds: median of per-round ratios;"
-                " cpu_time: ratio of median process CPU ms per frame (inverse, so > 1 means faster); quiet/busy:"
-                " ratio of medians over measurements while other processes used < / >= quiet_share of the cores",
-                "machine": platform.machine(),
-                "cores": os.cpu_count(),
-                "torch_threads": torch_default,
-                "versions": {
-                    "torch": torch.__version__,
-                    "onnxruntime": onnxruntime.__version__,
-                    "opencv": cv2.__version__,
-                },
-                "deface": setup.deface,
-                "config": config.model_dump(
-                    mode="json", include={"classifiers", "anonymizer", "correction", "publish", "pipeline", "detectors"}
-                ),
-                "variants": {
-                    v.key: {
-                        "label": v.label,
-                        "prototype": v.prototype,
-                        "torch_threads": v.torch_threads or torch_default,
-                        "frames_per_s": v.median_fps,
-                        "ms_per_frame": 1000 / v.median_fps,
-                        "frames_per_s_rounds": v.fps,
-                        "cpu_ms_per_frame": v.median_cpu_ms,
-                        "cpu_ms_per_frame_rounds": v.cpu_ms,
-                        "others_cpu_share_rounds": v.others,
-                        "frames_per_s_quiet": _median(v.fps_when(True)),
-                        "frames_per_s_busy": _median(v.fps_when(False)),
-                    }
-                    for v in variants
-                },
-                "ratios": ratios,
-                "targets": targets,
-                "sanity": checks,
-                "profiles": profiles,
-                "notes": setup.notes,
-            },
-            indent=2,
-        )
-    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "command": " ".join(["python", *sys.argv]),
+        "video": str(args.video),
+        "frames": len(frames),
+        "frame_size": [frames[0].shape[1], frames[0].shape[0]],
+        "repeats": args.repeats,
+        "batch_size": batch_size,
+        "chunk": args.chunk,
+        "statistic": "median of per-round frames/s; within a round every variant runs on one chunk of the frames"
+        " before any runs on the next, in a shuffled order per chunk",
+        "quiet_share": QUIET_SHARE,
+        "ratios_note": "of_medians: ratio of median frames/s; median_of_rounds: median of per-round ratios; cpu_time:"
+        " ratio of median process CPU ms per frame (inverse, so > 1 means faster); quiet/busy: ratio of medians over"
+        " measurements while other processes used < / >= quiet_share of the cores",
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        "device": device,
+        "torch_threads": torch_default,
+        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "opencv": cv2.__version__},
+        "deface": setup.deface,
+        "config": config.model_dump(
+            mode="json",
+            include={"torch_threads", "classifiers", "anonymizer", "correction", "publish", "pipeline", "detectors"},
+        ),
+        "variants": {
+            v.key: {
+                "label": v.label,
+                "frames_per_s": v.median_fps,
+                "ms_per_frame": 1000 / v.median_fps,
+                "frames_per_s_rounds": v.fps,
+                "cpu_ms_per_frame": v.median_cpu_ms,
+                "cpu_ms_per_frame_rounds": v.cpu_ms,
+                "others_cpu_share_rounds": v.others,
+                "frames_per_s_quiet": _median(v.fps_when(True)),
+                "frames_per_s_busy": _median(v.fps_when(False)),
+            }
+            for v in variants
+        },
+        "ratios": ratios,
+        "targets": targets,
+        "sanity": checks,
+        "profiles": profiles,
+    }
+    args.out.write_text(json.dumps(result, indent=2))
     print(f"written {args.out}")
 
 
