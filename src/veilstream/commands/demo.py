@@ -26,10 +26,11 @@ import numpy as np
 import yaml
 from kafka import KafkaConsumer, KafkaProducer
 
-from veilstream.decoding.images import decode_frame
-from veilstream.commands.replay import Pacer, ReplayItem, replay, video_items
-from veilstream.stats import mean, percentile
 from veilstream.commands.embedded_broker import TansuBroker, create_topics, free_port
+from veilstream.commands.replay import Pacer, ReplayItem, replay, video_items
+from veilstream.decoding.images import decode_frame
+from veilstream.schemas.records import FrameRecord
+from veilstream.stats import figures
 
 TOPICS = {
     "input": "frames",
@@ -46,13 +47,13 @@ def _worker_config(folder: Path, bootstrap: str, port: int, extra: dict[str, Any
         # vtest.avi is a street scene: the vehicle grouping says "other" on every frame, so the demo keeps the
         # fine ImageNet decision (the paper's setting), where blurring faces does change some decisions.
         "classifiers": [{"name": "efficientnet-lite0", "grouping": None}],
+        "pipeline": {"batch_size": 4},
         "worker": {
             "input_topics": [TOPICS["input"]],
             "output_topic": TOPICS["output"],
             "metrics_topic": TOPICS["metrics"],
             "dlq_topic": TOPICS["dlq"],
             "group_id": "veilstream-demo",
-            "batch_size": 4,
             "batch_timeout_ms": 200,
             # tansu makes a group join wait half the session timeout.
             "session_timeout_ms": 6000,
@@ -142,25 +143,20 @@ def _headers(record: Any) -> dict[str, str]:
     return {name: value.decode() for name, value in record.headers}
 
 
-def summarize(outputs: list[Any], metrics: list[dict[str, Any]], dead: list[Any], seconds: float) -> dict[str, Any]:
-    """The demo's table: every figure from the worker's own records."""
-    frames = [m for m in metrics if m.get("type") == "frame"]
-    stepped = [float(m["iterations"]) for m in frames if m["iterations"] > 0]
-    latencies = [float(m["latency_ms"]) for m in frames]
+def frame_records(metrics: list[dict[str, Any]]) -> list[FrameRecord]:
+    """The frame records among the metrics topic's records (the aggregates are left out)."""
+    return [FrameRecord.model_validate(m) for m in metrics if m.get("type") == "frame"]
+
+
+def summarize(
+    outputs: list[Any], records: list[FrameRecord], dead: list[Any], seconds: float, replayed: int
+) -> dict[str, Any]:
+    """The demo's table: what the broker delivered, then `stats.figures` over the worker's own frame records."""
     return {
-        "frames_published": len(outputs),
-        "dead_letters": len(dead),
-        "faces": sum(m["faces"] for m in frames),
-        "plates": sum(m["plates"] for m in frames),
-        "residual_detections": sum(m["residual_faces"] + m["residual_plates"] for m in frames),
-        "naive_decision_changes": sum(1 for m in frames if m["naive_changed"]),
-        "final_decision_changes": sum(1 for m in frames if not m["consistent"]),
-        "budget_exhausted": sum(1 for m in frames if m["budget_exhausted"]),
-        "frames_corrected": len(stepped),
-        "mean_iterations": mean(stepped) if stepped else None,
-        "p50_latency_ms": percentile(latencies, 50) if latencies else None,
-        "p95_latency_ms": percentile(latencies, 95) if latencies else None,
-        "frames_per_second": len(outputs) / seconds if seconds > 0 else 0.0,
+        "frames_replayed": replayed,
+        "outputs_received": len(outputs),
+        "dead_letters_received": len(dead),
+        **figures(records, seconds).model_dump(),
     }
 
 
@@ -200,22 +196,22 @@ def _contact_sheet(video: Path, outputs: list[Any], path: Path, pairs: int = 4) 
         cv2.imwrite(str(path), np.vstack(rows))
 
 
-def _plots(metrics: list[dict[str, Any]], out: Path) -> None:
+def _plots(records: list[FrameRecord], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    frames = sorted((m for m in metrics if m.get("type") == "frame"), key=lambda m: m.get("sequence") or 0)
+    frames = sorted(records, key=lambda r: r.sequence or 0)
     if not frames:
         return
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6))
-    sequence = [m.get("sequence") or 0 for m in frames]
-    top.plot(sequence, np.cumsum([m["naive_changed"] for m in frames]), label="naive blur")
-    top.plot(sequence, np.cumsum([not m["consistent"] for m in frames]), label="published (corrected)")
+    sequence = [r.sequence or 0 for r in frames]
+    top.plot(sequence, np.cumsum([r.naive_changed is True for r in frames]), label="naive blur")
+    top.plot(sequence, np.cumsum([r.consistent is False for r in frames]), label="published (corrected)")
     top.set(ylabel="decision changes (cumulative)", title="Classifier decision changes")
     top.legend()
-    bottom.plot(sequence, [m["latency_ms"] for m in frames], ".", markersize=3)
+    bottom.plot(sequence, [r.latency_ms for r in frames], ".", markersize=3)
     bottom.set(xlabel="frame", ylabel="latency ms", title="Per-frame latency through the worker")
     figure.tight_layout()
     figure.savefig(out / "metrics.png", dpi=100)
@@ -255,12 +251,12 @@ def run_demo(video: Path, out: Path, frames: int, extra_config: dict[str, Any] |
         producer.flush(60)
         outputs, metrics, dead = _collect(broker.bootstrap, frames, timeout=max(120.0, frames * 5.0))
         seconds = time.monotonic() - started
-    summary = summarize(outputs, metrics, dead, seconds)
-    summary["frames_replayed"] = frames
+    records = frame_records(metrics)
+    summary = summarize(outputs, records, dead, seconds, frames)
     fps = cv2.VideoCapture(str(video)).get(cv2.CAP_PROP_FPS) or 10.0
     _write_video(outputs, out / "anonymized.mp4", fps)
     _contact_sheet(video, outputs, out / "contact_sheet.png")
-    _plots(metrics, out)
+    _plots(records, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     with (out / "metrics.jsonl").open("w") as handle:
         handle.writelines(json.dumps(m) + "\n" for m in metrics)

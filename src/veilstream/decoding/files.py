@@ -1,10 +1,11 @@
-"""Frames from files: images, folders of images, and videos (every Nth frame)."""
+"""Frames from files as source items: images, folders of images, and videos (every Nth frame)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -12,26 +13,20 @@ import numpy as np
 from veilstream.decoding.images import DecodeLimits, Frame, decode_frame
 from veilstream.errors import FrameError
 
+if TYPE_CHECKING:
+    from veilstream.runner import SourceItem
+
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 VIDEO_SUFFIXES = frozenset({".avi", ".mp4", ".mkv", ".mov", ".m4v"})
 
 
 @dataclass(frozen=True)
 class SourceFrame:
-    """A decoded frame and where it came from (`index` is the frame number within a video, else 0)."""
+    """A decoded video frame and where it came from (`index` is the frame number within the video)."""
 
     source: str
     index: int
     frame: Frame
-
-
-@dataclass(frozen=True)
-class InputFailure:
-    """An input that yielded no frame, with a stable reason code."""
-
-    source: str
-    reason: str
-    detail: str
 
 
 @dataclass(frozen=True)
@@ -40,6 +35,10 @@ class VideoInfo:
     width: int
     height: int
     frames: int
+
+
+def is_video(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_SUFFIXES
 
 
 def expand_inputs(paths: Sequence[Path]) -> list[Path]:
@@ -93,24 +92,30 @@ def iter_video(path: Path, step: int = 1, limit: int | None = None) -> Iterator[
         capture.release()
 
 
-def iter_frames(
+def file_items(
     paths: Sequence[Path],
     video_step: int = 1,
     limits: DecodeLimits | None = None,
     video_limit: int | None = None,
-) -> Iterator[SourceFrame | InputFailure]:
-    """Frames of every input in order; an input that cannot be read yields one InputFailure and the rest go on."""
+) -> Iterator[SourceItem]:
+    """A source item per image and per video frame, in input order. The camera id is the input's file name,
+    `source` its path and `sequence` the frame number within a video (None for an image). An input that cannot
+    be read becomes one item with its error, so it gets a record like every other input, and the rest go on."""
+    # Imported here: the runner pulls in torch, which `replay` (videos and folders only) does without.
+    from veilstream.runner import Origin, SourceItem
+
     for path in expand_inputs(paths):
-        name = str(path)
+        origin = Origin(camera_id=path.name, source=str(path))
         if not path.exists():
-            yield InputFailure(name, "not_found", "no such file or folder")
+            yield SourceItem(origin, error=FrameError("not_found", "no such file or folder"))
             continue
         try:
-            if path.suffix.lower() in VIDEO_SUFFIXES:
-                yield from iter_video(path, video_step, video_limit)
+            if is_video(path):
+                for frame in iter_video(path, video_step, video_limit):
+                    yield SourceItem(replace(origin, sequence=frame.index), frame.frame)
             else:
-                yield SourceFrame(name, 0, decode_frame(path.read_bytes(), limits))
+                yield SourceItem(origin, decode_frame(path.read_bytes(), limits))
         except FrameError as error:
-            yield InputFailure(name, error.reason, error.detail)
+            yield SourceItem(origin, error=error)
         except OSError as error:
-            yield InputFailure(name, "unreadable", str(error))
+            yield SourceItem(origin, error=FrameError("unreadable", str(error)))
