@@ -86,7 +86,7 @@ def test_iterations_follow_the_papers_convention_and_rates_are_over_corrected_fr
         _corrected(True, True, 1, latency_ms=20),
         _corrected(True, True, 3, latency_ms=30),
         _corrected(True, False, 100, latency_ms=40, stop_reason="iteration_budget"),
-        _failed("dropped", latency_ms=0),  # no correction: counts as a frame, not in the rates or iterations
+        _failed("dropped", latency_ms=0),  # undecodable: a frame, not in the rates, iterations or latency
         _failed("masked", latency_ms=0),
     ]
     result = figures(records, seconds=2.0)
@@ -103,8 +103,9 @@ def test_iterations_follow_the_papers_convention_and_rates_are_over_corrected_fr
     assert result.p95_iterations == pytest.approx(percentile([1, 3, 100], 95))
     assert result.max_iterations == 100
     assert result.mean_iterations_all == pytest.approx(26)  # every corrected frame
-    assert result.mean_latency_ms == pytest.approx(100 / 6)  # every frame's own latency
-    assert result.p50_latency_ms == pytest.approx(15)
+    # Every frame's own latency, except an input that was dropped before any stage (it never became a frame).
+    assert result.mean_latency_ms == pytest.approx(100 / 5)
+    assert result.p50_latency_ms == pytest.approx(20)
     assert result.frames_per_second == pytest.approx(3.0)
 
 
