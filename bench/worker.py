@@ -4,9 +4,9 @@ Per mode (correction on; correction off = `correction.enabled: false`), interlea
 rotates each round, because other processes share the 2 cores):
 
   alone   the pipeline object (built once per mode, before any timing) decodes (`decode_frame`) and processes the
-          N vtest.avi frames (JPEG q90) in batches of `worker.batch_size`: frames/s.
+          N vtest.avi frames (JPEG q90) in batches of `pipeline.batch_size`: frames/s.
   burst   the N frames are produced to a fresh input topic first; a `Worker` (same config and pipeline object, fresh
-          group) then runs in a background thread. frames/s = N / (last batch acknowledged - first records handed to
+          group) then runs in a background thread. frames/s = N / (last batch committed - first records handed to
           the worker), so group join and model loading are excluded. The worker's `latency_ms` (type=frame records
           on the metrics topic) is reported too; end-to-end broker latency is meaningless here (it is queueing).
   paced   a fresh topic and group; one warm-up frame is produced and processed first (not counted), then L frames
@@ -15,9 +15,10 @@ rotates each round, because other processes share the 2 cores):
           end-to-end broker latency p50/p95 = output record timestamp - input record timestamp. Every topic uses
           `message.timestamp.type=LogAppendTime`, so both timestamps are the broker's append clock.
 
-The worker is the real `veilstream.worker.loop.Worker`; a bench-only subclass adds timestamps around its stages
-(poll gap, parse + decode, pipeline, publish, wait for acks, commit) to show where the broker overhead goes, and
-makes the shutdown watchdog harmless once `run()` has returned (see the report).
+The worker is the real `veilstream.worker.loop.Worker`, unchanged: the bench watches it through its observer seam
+(one `BatchReport` per batch, with the instants between its stages: poll gap, parse + decode, pipeline, publish,
+wait for acks, commit) to show where the broker overhead goes, and gives it a `Lifecycle` whose exit function
+records a watchdog overrun instead of killing the bench process.
 
 Then consumer throughput: M large PNG frames (upscaled vtest frames) are produced once and read back with a plain
 kafka-python KafkaConsumer (fetch sizes raised, partition assigned, no group) with `check_crcs=True` (kafka-python
@@ -52,12 +53,17 @@ from kafka.record import default_records
 from kafka.record import util as record_util
 from kafka.record._crc32c import crc as pure_crc32c
 
-from veilstream.codec import DecodeLimits, Frame, decode_frame, encode_frame
 from veilstream.config import VeilstreamConfig
+from veilstream.decoding.images import DecodeLimits, Frame, decode_frame
 from veilstream.factory import build_pipeline
-from veilstream.pipeline import FrameOutcome, Pipeline
-from veilstream.testing.brokers import KAFKA_VERSION, ApacheKafkaBroker, create_topics
-from veilstream.worker.loop import Worker
+from veilstream.outcome import Published
+from veilstream.pipeline import Pipeline
+from veilstream.publishing.encoding import encode_frame
+from veilstream.worker.lifecycle import Lifecycle
+from veilstream.worker.loop import BatchReport, Worker
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `tests.support`
+from tests.support.brokers import KAFKA_VERSION, ApacheKafkaBroker, create_topics
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path(os.environ.get("VEILSTREAM_CACHE", Path.home() / ".cache" / "veilstream"))
@@ -101,14 +107,13 @@ def headers_for(sequence: int, content_type: str = "image/jpeg") -> list[tuple[s
     ]
 
 
-# -- the worker, with stage timestamps -----------------------------------------------------------------
+# -- the worker, watched through its batch reports ------------------------------------------------------
 
 
-class TimedWorker(Worker):
-    """The real Worker; only adds timestamps and a completion event (nothing in its behaviour changes)."""
+class WorkerRun:
+    """The real Worker in a background thread; its batch reports give the stage times and the completion."""
 
     def __init__(self, config: VeilstreamConfig, pipeline: Pipeline, expected: int) -> None:
-        super().__init__(config, pipeline)
         self.expected = expected
         self.processed = 0
         self.batches = 0
@@ -116,61 +121,47 @@ class TimedWorker(Worker):
         self.last_ack: float | None = None
         self.warm = threading.Event()
         self.done = threading.Event()
-        self.returned = threading.Event()
         self.error: BaseException | None = None
         self.stage_s: dict[str, float] = defaultdict(float)
         self._batch_end: float | None = None
-        self._mark = 0.0
+        lifecycle = Lifecycle(config.worker.shutdown_timeout_s, exit=self._overrun)
+        self.worker = Worker(config, pipeline, lifecycle=lifecycle, observer=self.observe)
 
-    def _lap(self, stage: str) -> None:
-        now = time.perf_counter()
-        self.stage_s[stage] += now - self._mark
-        self._mark = now
-
-    def process_batch(self, records: Sequence[Any]) -> None:
-        start = time.perf_counter()
+    def observe(self, report: BatchReport) -> None:
         if self.first_records is None:
-            self.first_records = start
+            self.first_records = report.started
         elif self._batch_end is not None:
-            self.stage_s["poll gap"] += start - self._batch_end
-        self._mark = start
-        super().process_batch(records)
-        self._lap("commit")
-        self._batch_end = time.perf_counter()
+            self.stage_s["poll gap"] += report.started - self._batch_end
+        self.stage_s["parse+decode"] += report.decoded - report.started
+        self.stage_s["pipeline"] += report.processed - report.decoded
+        self.stage_s["publish"] += report.flushed - report.processed - report.wait_s
+        self.stage_s["await acks"] += report.wait_s
+        self.stage_s["commit"] += report.committed - report.flushed
+        self._batch_end = report.committed
+        if not report.delivered:
+            return
         self.batches += 1
-        self.processed += len(records)
+        self.processed += report.records
         self.warm.set()
         if self.processed >= self.expected and not self.done.is_set():
-            self.last_ack = self._batch_end
+            self.last_ack = report.committed
             self.done.set()
 
-    def _run_pipeline(self, items: Sequence[Any]) -> list[FrameOutcome]:
-        self._lap("parse+decode")
-        outcomes = super()._run_pipeline(items)
-        self._lap("pipeline")
-        return outcomes
+    def _overrun(self, code: int) -> None:
+        self.error = RuntimeError(f"the worker's shutdown watchdog fired (exit code {code})")
+        self.done.set()
 
-    def _await(self, pending: Sequence[Any]) -> None:
-        self._lap("publish")
-        super()._await(pending)
-        self._lap("await acks")
-
-    def _shutdown_overrun(self) -> None:
-        # Worker.request_stop arms an os._exit(70) timer that nothing cancels when run() returns cleanly; in one
-        # process that runs several workers it would kill the bench 20 s after the first stop.
-        if not self.returned.is_set():
-            super()._shutdown_overrun()
+    def request_stop(self) -> None:
+        self.worker.request_stop()
 
     def run_in_thread(self) -> threading.Thread:
         def target() -> None:
             try:
-                self.run()
+                self.worker.run()
             except BaseException as error:
                 self.error = error
                 self.done.set()
                 self.warm.set()
-            finally:
-                self.returned.set()
 
         thread = threading.Thread(target=target, name="bench-worker", daemon=True)
         thread.start()
@@ -269,9 +260,9 @@ def collect(bootstrap: str, topics: Topics, counted: range) -> dict[str, Any]:
 
 
 def run_worker(
-    config: VeilstreamConfig, pipeline: Pipeline, expected: int, feed: Callable[[TimedWorker], None]
-) -> TimedWorker:
-    worker = TimedWorker(config, pipeline, expected)
+    config: VeilstreamConfig, pipeline: Pipeline, expected: int, feed: Callable[[WorkerRun], None]
+) -> WorkerRun:
+    worker = WorkerRun(config, pipeline, expected)
     thread = worker.run_in_thread()
     try:
         feed(worker)
@@ -300,14 +291,13 @@ def bench_alone(pipeline: Pipeline, jpegs: Sequence[bytes], batch: int, limits: 
         process_s += time.perf_counter() - decoded
         decode_s += decoded - start
         for outcome in outcomes:
-            failed += outcome.published is None
+            failed += not isinstance(outcome, Published)
             for stage, ms in outcome.timings_ms.items():
                 stage_ms[stage] += ms  # the pipeline reports each stage per frame (batch time / batch size)
             if outcome.correction is not None:
                 iterations += outcome.correction.iterations
                 changed += outcome.correction.naive_changed
-            if outcome.found is not None:
-                regions += outcome.found.faces + outcome.found.plates
+            regions += outcome.faces + outcome.plates
     total = decode_s + process_s
     n = len(jpegs)
     return {
@@ -358,7 +348,7 @@ def bench_paced(
     producer.send(topics.input, key=b"bench-cam", value=jpegs[0], headers=headers_for(0)).get(timeout=30)
     sent_at: list[float] = []
 
-    def feed(worker: TimedWorker) -> None:
+    def feed(worker: WorkerRun) -> None:
         if not worker.warm.wait(WAIT_LIMIT_S):
             raise TimeoutError("the warm-up frame was not processed")
         start = time.perf_counter()
@@ -613,7 +603,7 @@ def main() -> None:
                 base[name] = VeilstreamConfig.model_validate({"device": "cpu", "correction": {"enabled": enabled}})
                 start = time.perf_counter()
                 pipelines[name] = build_pipeline(base[name])
-                warm = [decode_frame(d) for d in jpegs[: base[name].worker.batch_size]]
+                warm = [decode_frame(d) for d in jpegs[: base[name].pipeline.batch_size]]
                 pipelines[name].process(warm)
                 print(f"{name}: pipeline built and warmed in {time.perf_counter() - start:.1f}s")
             rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in MODES}
@@ -622,7 +612,7 @@ def main() -> None:
                 for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
                     config = base[name]
                     limits = DecodeLimits(config.decode.min_side, config.decode.max_pixels)
-                    alone = bench_alone(pipelines[name], jpegs, config.worker.batch_size, limits)
+                    alone = bench_alone(pipelines[name], jpegs, config.pipeline.batch_size, limits)
                     burst = bench_burst(bootstrap, producer, pipelines[name], jpegs, MODES[name])
                     rate = args.pace * alone["fps"]
                     paced = bench_paced(
@@ -662,12 +652,12 @@ def main() -> None:
                     "frames": args.frames,
                     "repeats": args.repeats,
                     "input": "vtest.avi every 7th frame, JPEG q90",
-                    "batch_size": base[next(iter(MODES))].worker.batch_size,
+                    "batch_size": base[next(iter(MODES))].pipeline.batch_size,
                     "batch_timeout_ms": base[next(iter(MODES))].worker.batch_timeout_ms,
-                    "residual_check": base[next(iter(MODES))].residual_check,
+                    "residual_check": base[next(iter(MODES))].pipeline.residual_check,
                     "topic_config": TOPIC_CONFIG,
                     "worker_overrides": "session_timeout_ms 6000, heartbeat_interval_ms 1000, http port 0",
-                    "throughput": "N / (last batch acknowledged - first records handed to process_batch)",
+                    "throughput": "N / (last batch committed - first records handed over by poll)",
                     "latency_frames": args.latency_frames,
                     "pace_fraction_of_alone_fps": args.pace,
                     "end_to_end": "output LogAppendTime - input LogAppendTime (broker clock, ms)",

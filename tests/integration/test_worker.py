@@ -7,13 +7,18 @@ import json
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
+import cv2
+import numpy as np
 import pytest
 from confluent_kafka import Producer as ConfluentProducer
 from kafka import KafkaConsumer, TopicPartition
 from PIL import Image
 
-from veilstream.testing.brokers import ApacheKafkaBroker, TopicFactory
+from tests.support.brokers import ApacheKafkaBroker, TopicFactory
+from veilstream.decoding.images import decode_frame
+from veilstream.publishing.encoding import encode_frame
 
 from .worker_harness import (
     MAX_BYTES,
@@ -22,6 +27,7 @@ from .worker_harness import (
     consume_all,
     frame_message,
     headers_of,
+    metrics_once,
     produce,
     running_worker,
     vtest_jpegs,
@@ -81,12 +87,15 @@ def test_frames_flow_through_the_worker(
         assert meta["veilstream-schema"] == "1"
         assert meta["source-topic"] == topics.input
         assert {"original-decision", "final-decision", "consistent", "iterations", "faces", "plates"} <= set(meta)
+        assert meta["outcome"] == "published"
         per_camera.setdefault(meta["camera-id"], []).append(int(meta["sequence"]))
     assert all(sequence == sorted(sequence) for sequence in per_camera.values()), per_camera
     assert sorted(len(v) for v in per_camera.values()) == [5, 5]
     frame_records = [json.loads(r.value) for r in metrics if json.loads(r.value)["type"] == "frame"]
     assert len(frame_records) >= 10
     assert {r["camera_id"] for r in frame_records} == {"cam-0", "cam-1"}
+    assert {(r["source_partition"], r["source_offset"]) for r in frame_records} == _sources(outputs)
+    assert all(r["outcome"] == "published" for r in frame_records)
     assert consume_all(kafka_bootstrap, topics.dlq, 1, timeout=3) == []
 
 
@@ -134,7 +143,7 @@ def test_bad_inputs_are_dead_lettered_and_the_worker_goes_on(
     messages.append(frame_message("cam", 1, jpegs[1]))
     # One partition keeps the order, so "the worker goes on" is visible: the last good frame comes out.
     single = Topics(topics.input + "-single", topics.output, topics.metrics, topics.dlq)
-    from veilstream.testing.brokers import create_topics
+    from tests.support.brokers import create_topics
 
     create_topics(kafka_bootstrap, [single.input], partitions=1, config=TOPIC_CONFIG)
     labelled = (
@@ -150,6 +159,7 @@ def test_bad_inputs_are_dead_lettered_and_the_worker_goes_on(
     with running_worker(config, port, tmp_path / "worker.log") as worker:
         dead = consume_all(kafka_bootstrap, single.dlq, len(bad))
         outputs = consume_all(kafka_bootstrap, single.output, 2)
+        records = _frame_records(kafka_bootstrap, single.metrics, len(labelled))
         assert worker.process.poll() is None, "the worker must keep running"
     reasons = {headers_of(r)["original-test-case"]: headers_of(r)["dlq-reason"] for r in dead}
     assert set(reasons) == set(bad), worker.tail()
@@ -163,6 +173,23 @@ def test_bad_inputs_are_dead_lettered_and_the_worker_goes_on(
         assert meta["source-topic"] == single.input
     assert len(outputs) == 2
     assert _sources(outputs) == {(0, 0), (0, len(labelled) - 1)}, "only the two good frames are published"
+    # Every input has one frame record: a dead letter's says dropped, with the dead letter's reason.
+    by_offset = {r["source_offset"]: r for r in records}
+    assert sorted(by_offset) == list(range(len(labelled))), worker.tail()
+    for record in dead:
+        meta = headers_of(record)
+        frame = by_offset[int(meta["source-offset"])]
+        assert (frame["outcome"], frame["reason"]) == ("dropped", meta["dlq-reason"])
+
+
+def _frame_records(bootstrap: str, topic: str, count: int, timeout: float = 120.0) -> list[dict[str, Any]]:
+    """The type=frame records of the metrics topic, once there are `count` (aggregates come in between)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = [json.loads(r.value) for r in consume_all(bootstrap, topic, 10_000, timeout=3)]
+        frames = [r for r in records if r["type"] == "frame"]
+        if len(frames) >= count or time.monotonic() > deadline:
+            return frames
 
 
 def _committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
@@ -236,3 +263,59 @@ def test_broker_restart_while_the_worker_runs(
         outputs = consume_all(kafka_bootstrap, topics.output, 12, timeout=120)
         assert worker.process.poll() is None, worker.tail()
     assert len(_sources(outputs)) == 12, worker.tail()
+
+
+OUTPUT_LIMIT = 12_000
+DLQ_LIMIT = 50_000
+
+
+def _resized(jpeg: bytes, width: int) -> bytes:
+    rgb = decode_frame(jpeg)
+    small = cv2.resize(rgb, (width, width * rgb.shape[0] // rgb.shape[1]), interpolation=cv2.INTER_AREA)
+    return encode_frame(np.ascontiguousarray(small), "jpeg", 90)
+
+
+def test_outputs_the_broker_refuses_for_good_are_dead_lettered_and_the_partition_goes_on(
+    kafka_bootstrap: str, topic_factory: TopicFactory, jpegs: list[bytes], tmp_path: Path
+) -> None:
+    """Defect 4: an output larger than the output topic's max.message.bytes used to be retried forever."""
+    topics = Topics(
+        input=topic_factory("in", config=TOPIC_CONFIG),
+        output=topic_factory("out", config={"max.message.bytes": str(OUTPUT_LIMIT)}),
+        metrics=topic_factory("metrics"),
+        dlq=topic_factory("dlq", config={"max.message.bytes": str(DLQ_LIMIT)}),
+    )
+    small, medium, large = _resized(jpegs[0], 64), _resized(jpegs[1], 320), jpegs[2]
+    assert len(small) < OUTPUT_LIMIT // 2 and OUTPUT_LIMIT * 1.5 < len(medium) < DLQ_LIMIT // 2, "test inputs"
+    assert len(large) > DLQ_LIMIT * 1.5, "the large frame is too large for the dead-letter topic too"
+    cases = {"small-first": small, "medium": medium, "large": large, "small-last": small}
+    messages = []
+    for sequence, (case, data) in enumerate(cases.items()):
+        key, value, headers = frame_message("cam", sequence, data)
+        messages.append((key, value, [*headers, ("test-case", case.encode())]))
+    produce(kafka_bootstrap, topics.input, messages)
+    config, port = write_config(tmp_path, kafka_bootstrap, topics)
+    with running_worker(config, port, tmp_path / "worker.log") as worker:
+        dead = consume_all(kafka_bootstrap, topics.dlq, 2)
+        outputs = consume_all(kafka_bootstrap, topics.output, 2)
+        records = _frame_records(kafka_bootstrap, topics.metrics, len(cases))
+        counted = f'veilstream_frames_in_total{{topic="{topics.input}"}} 4.0'
+        exposition = metrics_once(worker, lambda text: counted in text)
+        assert worker.process.poll() is None, worker.tail()
+    assert _sources(outputs) == {(0, 0), (0, 3)}, "the frames after the refused ones are published: no stall"
+    letters = {headers_of(r)["original-test-case"]: r for r in dead}
+    assert set(letters) == {"medium", "large"}, worker.tail()
+    for letter in letters.values():
+        meta = headers_of(letter)
+        assert meta["dlq-reason"] == "output_refused"
+        assert "MessageSizeTooLargeError" in meta["dlq-detail"]
+        assert meta["original-camera-id"] == "cam"
+    assert letters["medium"].value == medium, "the dead letter carries the original input"
+    assert letters["large"].value == b"", "too large for the dead-letter topic: sent without its value"
+    assert "value left out" in headers_of(letters["large"])["dlq-detail"]
+    by_offset = {r["source_offset"]: r for r in records}
+    assert [by_offset[o]["outcome"] for o in range(4)] == ["published", "dropped", "dropped", "published"]
+    assert {by_offset[1]["reason"], by_offset[2]["reason"]} == {"output_refused"}
+    assert 'veilstream_dead_letters_total{reason="output_refused"} 2.0' in exposition
+    assert "veilstream_batch_retries_total 0.0" in exposition, "a refusal for good is not retried"
+    assert _committed(kafka_bootstrap, f"veilstream-{topics.input}", topics.input, 1) == {0: 4}

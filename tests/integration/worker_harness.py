@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +19,8 @@ import numpy as np
 import yaml
 from kafka import KafkaConsumer, KafkaProducer
 
+from tests.support.brokers import free_port
 from veilstream.publishing.encoding import encode_frame
-from veilstream.testing.brokers import free_port
 
 MAX_BYTES = 20 * 1024 * 1024
 
@@ -100,6 +100,18 @@ def wait_for_outputs(worker: WorkerProcess, bootstrap: str, topic: str, count: i
         assert time.monotonic() < deadline, f"fewer than {count} outputs after {timeout}s:\n{worker.tail()}"
 
 
+def metrics_once(worker: WorkerProcess, done: Callable[[str], bool], timeout: float = 60.0) -> str:
+    """The worker's /metrics exposition once `done(exposition)` holds (it counts a batch after its outputs and
+    records are acknowledged, a moment after they can be consumed), or fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, exposition = worker.get("/metrics")
+        if status == 200 and done(exposition):
+            return exposition
+        assert time.monotonic() < deadline, f"/metrics not as expected after {timeout}s:\n{exposition}"
+        time.sleep(0.2)
+
+
 def headers_of(record: Any) -> dict[str, str]:
     return {name: value.decode() for name, value in record.headers}
 
@@ -114,7 +126,6 @@ def write_config(folder: Path, bootstrap: str, topics: Topics, **worker: Any) ->
             "metrics_topic": topics.metrics,
             "dlq_topic": topics.dlq,
             "group_id": f"veilstream-{topics.input}",
-            "batch_size": 4,
             "batch_timeout_ms": 200,
             "session_timeout_ms": 6000,
             "heartbeat_interval_ms": 1000,
@@ -127,7 +138,7 @@ def write_config(folder: Path, bootstrap: str, topics: Topics, **worker: Any) ->
             **worker,
         },
         "correction": {"time_budget_ms": 3000},
-        "residual_check": False,
+        "pipeline": {"batch_size": 4, "residual_check": "off"},
     }
     path = folder / "worker.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -44,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--video-step", type=int, default=10, help="use every Nth video frame")
     evaluate.add_argument("--paper-blur", action="store_true", help="the paper's 9x9 sigma 10 Gaussian blur")
     evaluate.add_argument("--no-progress", action="store_true")
+    privacy = commands.add_parser("privacy", help="face and plate recall of the default pipeline on a labelled set")
+    privacy.add_argument("labels", type=Path, help="labels file, e.g. datasets/privacy/labels.json")
+    privacy.add_argument("--media", type=Path, help="folder of the labelled media (default: the sample media cache)")
+    privacy.add_argument("--report", type=Path, required=True, help="folder for summary.json, privacy.png, sheets")
+    privacy.add_argument("--threshold", type=float, default=None, help="anonymized below this share of detail kept")
+    privacy.add_argument("--leak-check", choices=["off", "mtcnn"], default="off", help="independent face detector")
+    privacy.add_argument("--no-progress", action="store_true")
     anonymize = commands.add_parser("anonymize", help="anonymize images, folders and videos into a folder")
     anonymize.add_argument("paths", nargs="+", type=Path, help="image files, folders, videos (mp4/avi)")
     anonymize.add_argument("--out", type=Path, required=True, help="folder for outputs, frames.jsonl, summary.json")
@@ -155,6 +162,7 @@ def _report(args: argparse.Namespace, config: VeilstreamConfig) -> int:
         topic=args.topic,
         since=parse_time(args.since) if args.since else None,
         until=parse_time(args.until) if args.until else None,
+        client_options=config.kafka.client_options(),  # TLS and SASL as for the monitor; the bootstrap above wins
     )
     page = write_report(records, args.out, args.title)
     print(f"report: {page}")
@@ -186,7 +194,7 @@ def _demo(args: argparse.Namespace) -> int:
         return 130
     print(format_summary(summary))
     print(f"outputs in {args.out}/: anonymized.mp4, contact_sheet.png, metrics.png, summary.json, metrics.jsonl")
-    return 0 if summary["frames_published"] > 0 else 1
+    return 0 if summary["outputs_received"] > 0 else 1
 
 
 def _replay(args: argparse.Namespace, config: VeilstreamConfig) -> int:
@@ -216,67 +224,128 @@ def with_worker_overrides(config: VeilstreamConfig, args: argparse.Namespace) ->
 def _worker(args: argparse.Namespace, config: VeilstreamConfig) -> int:
     from veilstream.factory import build_pipeline
     from veilstream.worker.logs import configure_logging
-    from veilstream.worker.loop import run_worker
+    from veilstream.worker.service import run_worker
 
     configure_logging(args.log_level)
     return run_worker(with_worker_overrides(config, args), build_pipeline)
 
 
 def _anonymize(args: argparse.Namespace, config: VeilstreamConfig) -> int:
-    from veilstream.commands.anonymize import Anonymizer
+    from veilstream.commands.anonymize import run_anonymize
     from veilstream.factory import build_pipeline
 
-    report = Anonymizer(build_pipeline(config), config, args.out, progress=not args.no_progress).run(
-        args.paths, args.max_video_frames
+    summary = run_anonymize(
+        args.paths, build_pipeline(config), config, args.out, args.max_video_frames, progress=not args.no_progress
     )
     print(
         f"{'input':<28} {'frames':>6} {'faces':>6} {'plates':>6} {'residual':>8} {'naive chg':>9} {'final chg':>9} "
         f"{'budget':>6} {'fps':>6}"
     )
-    for row in report["inputs"]:
-        residual = row["residual_faces"] + row["residual_plates"]
+    for row in summary["inputs"]:
         name = Path(row["source"]).name[:28]
+        fps = row["frames_per_second"] or 0.0
         print(
-            f"{name:<28} {row['frames']:>6} {row['faces']:>6} {row['plates']:>6} {residual:>8} "
-            f"{row['naive_changed']:>9} {row['corrected_changed']:>9} {row['budget_exhausted']:>6} {row['fps']:>6.2f}"
+            f"{name:<28} {row['frames']:>6} {row['faces']:>6} {row['plates']:>6} {row['residual_detections']:>8} "
+            f"{row['naive_changed']:>9} {row['final_changed']:>9} {row['budget_exhausted']:>6} {fps:>6.2f}"
         )
-        for error in row["errors"]:
-            print(f"  error: {error['reason']}: {error['detail']}", file=sys.stderr)
+    for error in summary["errors"]:
+        print(f"error: {error['input']}: {error['reason']}: {error['detail']}", file=sys.stderr)
     print(f"outputs and summary.json in {args.out}")
-    return 0 if report["totals"]["frames"] > 0 else 1
+    totals = summary["totals"]
+    return 0 if totals["published"] + totals["masked"] > 0 else 1
 
 
 def _eval(args: argparse.Namespace, config: VeilstreamConfig) -> int:
-    from veilstream.commands.evaluate import EvalRun, format_table, run_eval
+    from veilstream.commands.evaluate import EvalSetting, format_table, run_eval
     from veilstream.factory import build_pipeline
 
-    pipeline = build_pipeline(config, args.region, args.size, args.paper_blur)
-    settings = pipeline.corrector.settings
-    device = str(pipeline.device)
-    runs = [
-        EvalRun(alpha, stop) for stop in (args.stop or [settings.stop]) for alpha in (args.alpha or [settings.alpha])
-    ]  # type: ignore[arg-type]
+    pipeline = build_pipeline(config, args.region, args.size, args.paper_blur, need_classifiers=True)
+    assert pipeline.corrector is not None  # need_classifiers
+    base = pipeline.corrector.settings
+    # dict.fromkeys: a setting named twice runs once (the report keys settings by name).
+    settings = list(
+        dict.fromkeys(
+            EvalSetting(alpha, stop) for stop in (args.stop or [base.stop]) for alpha in (args.alpha or [base.alpha])
+        )
+    )
     parameters = {
         "region": args.region,
         "size": args.size,
         "anonymizer": "gaussian 9x9 sigma 10" if args.paper_blur else config.anonymizer.model_dump(),
         "classifiers": [c.name for c in config.classifiers],
-        "max_iterations": settings.max_iterations,
-        "time_budget_ms": settings.time_budget_ms,
-        "max_change": settings.max_change,
-        "codec": settings.codec,
-        "quality": settings.quality,
+        "max_iterations": base.max_iterations,
+        "time_budget_ms": base.time_budget_ms,
+        "max_change": base.max_change,
+        "codec": pipeline.encoder.codec,
+        "quality": pipeline.encoder.quality,
         "video_step": args.video_step,
-        "device": device,
+        "device": str(pipeline.device),
     }
     summary = run_eval(
-        args.paths, pipeline, config, runs, args.report, args.video_step, parameters, not args.no_progress
+        args.paths, pipeline, config, settings, args.report, args.video_step, parameters, not args.no_progress
     )
     print(format_table(summary["sweep"]))
     for error in summary["errors"]:
-        print(f"error: {error['source']}: {error['reason']}: {error['detail']}", file=sys.stderr)
+        print(f"error: {error['input']}: {error['reason']}: {error['detail']}", file=sys.stderr)
     print(f"report: {args.report / 'summary.json'}")
-    return 0 if summary["frames"] > 0 else 1
+    return 0 if summary["corrected"] > 0 else 1
+
+
+def _privacy(args: argparse.Namespace, config: VeilstreamConfig) -> int:
+    import os
+
+    from veilstream.commands.privacy import format_table, run_privacy
+    from veilstream.evaluation.labels import load_labels, media_problems
+    from veilstream.evaluation.measures import ANONYMIZED_BELOW
+    from veilstream.factory import build_pipeline
+
+    media = args.media or Path(os.environ.get("VEILSTREAM_MEDIA", Path.home() / ".cache" / "veilstream" / "media"))
+    try:
+        labels = load_labels(args.labels)
+    except (OSError, ValueError) as error:
+        print(f"veilstream privacy: {args.labels}: {error}", file=sys.stderr)
+        return 2
+    problems = media_problems(labels, media)
+    for problem in problems:
+        print(f"veilstream privacy: {problem} (run `make media`)", file=sys.stderr)
+    if problems:
+        return 2
+    leak_detector = None
+    if args.leak_check == "mtcnn":
+        from veilstream.evaluation.leaks import MtcnnFaces
+
+        try:
+            leak_detector = MtcnnFaces()
+        except RuntimeError as error:
+            print(f"veilstream privacy: {error}", file=sys.stderr)
+            return 2
+    pipeline = build_pipeline(config)
+    parameters = {
+        "labels": str(args.labels),
+        "media": str(media),
+        "detectors": config.detectors.model_dump(),
+        "anonymizer": config.anonymizer.model_dump(),
+        "correction": config.correction.enabled,
+        "codec": pipeline.encoder.codec,
+        "quality": pipeline.encoder.quality,
+        "device": str(pipeline.device),
+    }
+    threshold = ANONYMIZED_BELOW if args.threshold is None else args.threshold
+    summary = run_privacy(
+        labels,
+        media,
+        pipeline,
+        args.report,
+        config.pipeline.batch_size,
+        config.anonymizer.shape,
+        threshold,
+        leak_detector,
+        parameters,
+        not args.no_progress,
+    )
+    print(format_table(summary))
+    print(f"report: {args.report / 'summary.json'}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -287,6 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config)
         if args.command == "eval":
             return _eval(args, config)
+        if args.command == "privacy":
+            return _privacy(args, config)
         if args.command == "anonymize":
             return _anonymize(args, config)
         if args.command == "worker":

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the HTTP probe runs every few seconds: it must not import torch, cv2 or the models
-    from veilstream.decoding.images import Frame
     from veilstream.config import VeilstreamConfig
-    from veilstream.pipeline import FoundRegions
+    from veilstream.decoding.images import Frame
+    from veilstream.detectors.finders import FoundRegions
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 ENDPOINTS = ("/healthz", "/readyz")
@@ -88,7 +88,7 @@ class _CentreRegion:
 
     def find(self, frames: Sequence[Frame]) -> list[FoundRegions]:
         from veilstream.anonymizers.regions import Region
-        from veilstream.pipeline import FoundRegions
+        from veilstream.detectors.finders import FoundRegions
 
         return [
             FoundRegions((Region(f.shape[1] / 4, f.shape[0] / 4, f.shape[1] * 3 / 4, f.shape[0] * 3 / 4),))
@@ -111,11 +111,12 @@ def check_models(config: VeilstreamConfig | Path | str | None = None) -> int:
     `VEILSTREAM__...` environment overrides apply when it is read here. The worker's budget rule
     (`check_budgets`) is checked too, since the worker refuses to start without it.
     """
-    from veilstream.decoding.images import decode_frame
     from veilstream.config import check_budgets
+    from veilstream.decoding.images import decode_frame
     from veilstream.errors import VeilstreamError
     from veilstream.factory import build_pipeline
-    from veilstream.pipeline import Pipeline
+    from veilstream.outcome import Published
+    from veilstream.pipeline import FailurePolicy, Pipeline
 
     try:
         resolved = _resolve_config(config)
@@ -126,29 +127,35 @@ def check_models(config: VeilstreamConfig | Path | str | None = None) -> int:
         frame = smoke_frame()
         outcome = pipeline.process([frame])[0]  # the configured detectors, then the rest of the pipeline
         detected = time.perf_counter()
-        corrected = Pipeline(_CentreRegion(), pipeline.anonymizer, pipeline.corrector, "drop").process([frame])[0]
+        centre = Pipeline(
+            _CentreRegion(), pipeline.anonymizer, pipeline.encoder, pipeline.corrector, FailurePolicy("drop", "off")
+        )
+        corrected = centre.process([frame])[0]
         done = time.perf_counter()
     except VeilstreamError as error:
         return _fail(f"models: {error}")
     except Exception as error:  # any failure to load or run is what this check exists to report
         return _fail(f"models: {type(error).__name__}: {error}")
+    published: dict[str, Published] = {}
     for name, result in (("detected", outcome), ("corrected", corrected)):
-        if result.error is not None:
-            return _fail(f"models: the {name} smoke frame failed: {result.error}")
-        if result.published is None or result.correction is None:
-            return _fail(f"models: the {name} smoke frame produced no output")
+        if not isinstance(result, Published):
+            return _fail(f"models: the {name} smoke frame was {result.kind}: {result.error}")
         try:
-            published = decode_frame(result.published)
+            pixels = decode_frame(result.data)
         except VeilstreamError as error:
             return _fail(f"models: the {name} smoke frame's output does not decode: {error}")
-        if published.shape != frame.shape:
-            return _fail(f"models: the {name} smoke frame's output is {published.shape}, not {frame.shape}")
-    assert corrected.correction is not None
-    regions = len(outcome.found.regions) if outcome.found is not None else 0
-    decisions = ", ".join(f"{d.classifier}={d.label}" for d in corrected.correction.final)
+        if pixels.shape != frame.shape:
+            return _fail(f"models: the {name} smoke frame's output is {pixels.shape}, not {frame.shape}")
+        published[name] = result
+    correction = published["corrected"].correction
+    if correction is None:
+        summary = "anonymized without correction (correction.enabled: false)"
+    else:
+        decisions = ", ".join(f"{d.classifier}={d.label}" for d in correction.final)
+        summary = f"corrected ({correction.iterations} iterations, {correction.stop_reason}, {decisions})"
     print(
         f"models: ok on {pipeline.device}: loaded in {loaded - start:.1f} s; a {frame.shape[1]}x{frame.shape[0]} "
-        f"frame detected in {detected - loaded:.2f} s ({regions} regions) and corrected in {done - detected:.2f} s "
-        f"({corrected.correction.iterations} iterations, {corrected.correction.stop_reason}, {decisions})"
+        f"frame detected in {detected - loaded:.2f} s ({len(outcome.detections)} detections) and {summary} "
+        f"in {done - detected:.2f} s"
     )
     return 0

@@ -1,26 +1,20 @@
-"""Turning consumed records into frames, and outcomes into the messages the worker produces."""
+"""Consumed records into source items: validate the headers, decode the image, keep the lineage.
+
+A record that does not decode still becomes a `SourceItem` (with its typed error), so it flows through the
+runner like any frame and comes out as a dropped outcome with a record and a dead letter.
+"""
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from typing import Any
 
 from veilstream.decoding.images import DecodeLimits, Frame, decode_frame
-from veilstream.publishing.encoding import CONTENT_TYPES, Codec
-from veilstream.correction.classifier import Decision
 from veilstream.errors import DecodeError, FrameError, FrameRejected
-from veilstream.pipeline import FrameOutcome
-from veilstream.schemas import (
-    DeadLetterHeaders,
-    DecisionRecord,
-    FrameMetrics,
-    InputFrameHeaders,
-    OutputFrameHeaders,
-    decode_headers,
-    encode_headers,
-)
+from veilstream.publishing.encoding import CONTENT_TYPES, Codec
+from veilstream.runner import KafkaLineage, Origin, SourceItem
+from veilstream.schemas import InputFrameHeaders, decode_headers
+from veilstream.worker.client import Message
 
 _CODEC_OF = {v: k for k, v in CONTENT_TYPES.items()}
 Headers = list[tuple[str, bytes]]
@@ -37,17 +31,6 @@ class Lineage:
         return {"topic": self.topic, "partition": self.partition, "offset": self.offset}
 
 
-@dataclass(frozen=True)
-class InputFrame:
-    """A consumed record that decoded into a frame."""
-
-    lineage: Lineage
-    headers: InputFrameHeaders
-    frame: Frame
-    raw: bytes
-    polled_at: float
-
-
 def parse_record(
     value: bytes | None, headers: Headers, lineage: Lineage, limits: DecodeLimits, max_bytes: int
 ) -> tuple[InputFrameHeaders, Frame]:
@@ -62,83 +45,29 @@ def parse_record(
     return parsed, decode_frame(value, limits, expected)
 
 
-def _label(decisions: tuple[Decision, ...]) -> str:
-    return "|".join(d.label for d in decisions)
+def camera_of(headers: Headers, key: bytes | None) -> str:
+    """The camera a record names (header, else key), for a record whose headers did not validate; "" if none."""
+    for name, value in headers:
+        if name == "camera-id" and value:
+            return value.decode("utf-8", "replace")
+    return key.decode("utf-8", "replace") if key else ""
 
 
-def _records(decisions: tuple[Decision, ...]) -> list[DecisionRecord]:
-    return [DecisionRecord(**asdict(d)) for d in decisions]
-
-
-def output_headers(item: InputFrame, outcome: FrameOutcome, codec: Codec, flagged: bool) -> Headers:
-    result = outcome.correction
-    assert result is not None and outcome.found is not None
-    return encode_headers(
-        OutputFrameHeaders(
-            content_type=CONTENT_TYPES[codec],
-            camera_id=item.headers.camera_id,
-            sequence=item.headers.sequence,
-            capture_time=item.headers.capture_time,
-            source_topic=item.lineage.topic,
-            source_partition=item.lineage.partition,
-            source_offset=item.lineage.offset,
-            original_decision=_label(result.original),
-            final_decision=_label(result.final),
-            consistent=result.consistent,
-            iterations=result.iterations,
-            faces=outcome.found.faces,
-            plates=outcome.found.plates,
-            flagged=flagged,
-        )
+def source_item(message: Message, limits: DecodeLimits, max_bytes: int, received_at: float) -> SourceItem:
+    """The decoded frame of a consumed record, or the error that stopped it, with the record's lineage (its
+    raw value and headers travel along for the dead letter)."""
+    headers: Headers = [(name, value) for name, value in (message.headers or ()) if value is not None]
+    kafka = KafkaLineage(message.topic, message.partition, message.offset, message.key, message.value, tuple(headers))
+    lineage = Lineage(message.topic, message.partition, message.offset, message.key)
+    try:
+        parsed, frame = parse_record(message.value, headers, lineage, limits, max_bytes)
+    except FrameError as error:
+        return SourceItem(Origin(camera_of(headers, message.key), kafka=kafka), error=error, received_at=received_at)
+    origin = Origin(
+        parsed.camera_id,
+        sequence=parsed.sequence,
+        capture_time=parsed.capture_time,
+        ground_truth=parsed.ground_truth,
+        kafka=kafka,
     )
-
-
-def frame_metrics(item: InputFrame, outcome: FrameOutcome, worker: str, latency_ms: float) -> FrameMetrics:
-    result = outcome.correction
-    assert result is not None and outcome.found is not None
-    residual_faces = sum(1 for d in outcome.residual if d.kind == "face")
-    return FrameMetrics(
-        worker=worker,
-        time=datetime.now(UTC),
-        camera_id=item.headers.camera_id,
-        sequence=item.headers.sequence,
-        capture_time=item.headers.capture_time,
-        source_topic=item.lineage.topic,
-        source_partition=item.lineage.partition,
-        source_offset=item.lineage.offset,
-        faces=outcome.found.faces,
-        plates=outcome.found.plates,
-        residual_faces=residual_faces,
-        residual_plates=len(outcome.residual) - residual_faces,
-        original=_records(result.original),
-        naive=_records(result.naive),
-        final=_records(result.final),
-        naive_changed=result.naive_changed,
-        consistent=result.consistent,
-        budget_exhausted=result.budget_exhausted,
-        stop_reason=result.stop_reason,
-        iterations=result.iterations,
-        max_pixel_change=result.max_pixel_change,
-        latency_ms=latency_ms,
-        stage_ms=outcome.timings_ms,
-        ground_truth=item.headers.ground_truth,
-    )
-
-
-def dead_letter_headers(lineage: Lineage, error: FrameError, original: Headers, camera_id: str | None) -> Headers:
-    """The original headers (prefixed `original-`) plus the typed reason and lineage."""
-    ours = encode_headers(
-        DeadLetterHeaders(
-            reason=error.reason,
-            detail=error.detail[:1000],
-            source_topic=lineage.topic,
-            source_partition=lineage.partition,
-            source_offset=lineage.offset,
-            camera_id=camera_id,
-        )
-    )
-    return ours + [(f"original-{name}", value) for name, value in original if value is not None]
-
-
-def to_json(model: FrameMetrics | Any) -> bytes:
-    return json.dumps(model.model_dump(mode="json")).encode()
+    return SourceItem(origin, frame=frame, received_at=received_at)

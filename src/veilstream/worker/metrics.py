@@ -1,16 +1,20 @@
-"""Prometheus metrics of one worker, and the periodic aggregate record for the metrics topic."""
+"""Prometheus metrics of one worker, and the window behind its periodic aggregate record.
+
+Both are fed only with delivered frames (`WorkerMetrics.count`, `AggregateWindow.add` after the sink's flush
+succeeded), so a batch that is rewound and processed again counts once.
+"""
 
 from __future__ import annotations
 
-import math
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from veilstream.schemas import AggregateMetrics, FrameMetrics
-from veilstream.stats import mean, percentile
+from veilstream.schemas import AggregateRecord, FrameRecord
+from veilstream.stats import figures
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 ITERATION_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 50, 100)
@@ -22,8 +26,10 @@ class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.frames_in = Counter("veilstream_frames_in", "Frames consumed", ["topic"], registry=r)
-        self.frames_out = Counter("veilstream_frames_out", "Anonymized frames published", registry=r)
+        self.frames_in = Counter("veilstream_frames_in", "Frames consumed and handled", ["topic"], registry=r)
+        self.frames_out = Counter(
+            "veilstream_frames_out", "Frames published on the output topic (anonymized or masked)", registry=r
+        )
         self.dead_letters = Counter(
             "veilstream_dead_letters", "Frames sent to the dead-letter topic", ["reason"], registry=r
         )
@@ -60,52 +66,53 @@ class WorkerMetrics:
         self.ready = Gauge("veilstream_ready", "1 when models are loaded and the broker reachable", registry=r)
         self.last_loop = Gauge("veilstream_last_loop_timestamp_seconds", "When the main loop last turned", registry=r)
 
+    def count(self, records: Sequence[FrameRecord], decode_s: float, latency_s: float) -> None:
+        """Count the delivered frames of one batch: their records as they finally were (a refused output is a
+        dropped record); `decode_s` is each frame's decode time, `latency_s` poll to acknowledgement."""
+        for record in records:
+            self.frames_in.labels(record.source_topic or "").inc()
+            self.frame_latency.observe(latency_s)
+            self.stage_seconds.labels("decode").observe(decode_s)
+            for stage, ms in record.stage_ms.items():
+                self.stage_seconds.labels(stage).observe(ms / 1000)
+            if record.residual_faces:
+                self.residual.labels("face").inc(record.residual_faces)
+            if record.residual_plates:
+                self.residual.labels("plate").inc(record.residual_plates)
+            if record.outcome == "dropped":
+                self.dead_letters.labels(record.reason or "unknown").inc()
+                continue
+            self.frames_out.inc()  # a masked frame too: it is on the output topic (records tell the two apart)
+            if record.outcome == "published" and record.corrected:
+                self._count_correction(record)
+
+    def _count_correction(self, record: FrameRecord) -> None:
+        self.iterations.observe(record.iterations)
+        if record.naive_changed:
+            self.naive_changes.inc()
+        if record.consistent is False:
+            self.final_changes.inc()
+        if record.budget_exhausted and record.stop_reason:
+            self.budget_exhausted.labels(record.stop_reason.removesuffix("_budget")).inc()
+
 
 @dataclass
 class AggregateWindow:
-    """Frame records accumulated between two aggregate records."""
+    """Delivered frame records between two aggregate records."""
 
     worker: str
     started: float = field(default_factory=time.time)
-    frames: list[FrameMetrics] = field(default_factory=list)
-    dead_letters: int = 0
+    records: list[FrameRecord] = field(default_factory=list)
 
-    def add(self, record: FrameMetrics) -> None:
-        self.frames.append(record)
+    def add(self, records: Iterable[FrameRecord]) -> None:
+        self.records.extend(records)
 
-    def close(self, now: float | None = None) -> AggregateMetrics:
-        """The aggregate of the window; the caller starts a new one."""
+    def close(self, now: float | None = None) -> AggregateRecord:
+        """The aggregate of the window (`stats.figures`, the one aggregate); the caller starts a new window."""
         now = time.time() if now is None else now
-        stepped = [float(f.iterations) for f in self.frames if f.iterations > 0]
-        latencies = [f.latency_ms for f in self.frames]
-        labelled = [f for f in self.frames if f.ground_truth is not None]
-
-        def accuracy(pick: str) -> float | None:
-            if not labelled:
-                return None
-            hits = sum(1 for f in labelled if getattr(f, pick)[0].label == f.ground_truth)
-            return hits / len(labelled)
-
-        def optional(value: float) -> float | None:
-            return None if math.isnan(value) else value
-
-        elapsed = max(now - self.started, 1e-9)
-        return AggregateMetrics(
+        return AggregateRecord(
+            **figures(self.records, max(now - self.started, 1e-9)).model_dump(),
             worker=self.worker,
             window_start=datetime.fromtimestamp(self.started, UTC),
             window_end=datetime.fromtimestamp(now, UTC),
-            frames=len(self.frames),
-            dead_letters=self.dead_letters,
-            naive_changed=sum(f.naive_changed for f in self.frames),
-            final_changed=sum(not f.consistent for f in self.frames),
-            budget_exhausted=sum(f.budget_exhausted for f in self.frames),
-            residual_detections=sum(f.residual_faces + f.residual_plates for f in self.frames),
-            mean_iterations=optional(mean(stepped)),
-            p95_iterations=optional(percentile(stepped, 95)),
-            p50_latency_ms=optional(percentile(latencies, 50)),
-            p95_latency_ms=optional(percentile(latencies, 95)),
-            frames_per_second=len(self.frames) / elapsed,
-            labelled_frames=len(labelled),
-            accuracy_original=accuracy("original"),
-            accuracy_published=accuracy("final"),
         )

@@ -71,6 +71,14 @@ class WorkerConfig(_Strict):
     delivery_timeout_ms: int = Field(60_000, ge=1000, description="a batch's outputs must be acknowledged by then")
     shutdown_timeout_s: float = Field(20.0, gt=0, description="bound on finishing the batch in flight at SIGTERM")
     retry_backoff_s: float = Field(2.0, ge=0, description="wait before reprocessing a batch whose outputs failed")
+    delivery_attempts: int = Field(
+        5,
+        ge=1,
+        description="flushes a frame's output may fail retriably (the batch is rewound and processed again each "
+        "time) before the frame is dead-lettered with reason delivery_failed; an output the broker refuses for good "
+        "(e.g. larger than the topic's max.message.bytes) is dead-lettered at once (output_refused), and a dead "
+        "letter that cannot be delivered keeps the batch retrying",
+    )
     http_host: str = "0.0.0.0"
     http_port: int = Field(8080, ge=0, le=65535)
     aggregate_interval_s: float = Field(10.0, gt=0)

@@ -1,0 +1,173 @@
+"""An in-memory Kafka for the worker's in-process tests: failure paths a real broker cannot produce on demand.
+
+It implements `veilstream.worker.client.KafkaClient`: input topics with partitions and positions, a produce log per
+topic (acknowledged messages only), committed offsets, and hooks to refuse a send, fail a commit or revoke
+partitions in the middle of a batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from kafka import TopicPartition
+from kafka.errors import CommitFailedError
+
+from veilstream.worker.client import Delivery, Message, RebalanceListener
+
+Headers = list[tuple[str, bytes]]
+
+
+@dataclass(frozen=True)
+class Record:
+    """A consumed or produced message."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes | None]] = field(default_factory=list)
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key == name and value is not None:
+                return value.decode()
+        return None
+
+
+@dataclass
+class FakeDelivery:
+    """Pending until the next flush decides it."""
+
+    outcome: BaseException | None = None
+    resolved: bool = False
+
+    def done(self) -> bool:
+        return self.resolved
+
+    def error(self) -> BaseException | None:
+        return self.outcome
+
+
+@dataclass(frozen=True)
+class Send:
+    """What `send` was asked to produce (the refusal rule sees this)."""
+
+    topic: str
+    value: bytes
+    key: bytes | None
+    headers: Headers
+    flush: int  # how many flushes came before this send
+
+
+# A rule returns the error a send meets at the next flush, or None to acknowledge it.
+Rule = Callable[[Send], BaseException | None]
+
+
+class FakeKafka:
+    def __init__(self, partitions: int = 2, topic: str = "in") -> None:
+        self.input_topic = topic
+        self.inputs: dict[TopicPartition, list[Record]] = {TopicPartition(topic, p): [] for p in range(partitions)}
+        self.positions: dict[TopicPartition, int] = {}
+        self.committed: dict[TopicPartition, int] = {}
+        self.assigned: set[TopicPartition] = set()
+        self.produced: dict[str, list[Record]] = {}
+        self.listener: RebalanceListener | None = None
+        self.rules: list[Rule] = []
+        self.commit_errors: list[BaseException] = []  # raised by the next commits, one each
+        self.on_flush: Callable[[FakeKafka], None] | None = None
+        self.on_idle: Callable[[], None] | None = None  # called when a poll finds nothing (tests stop the worker)
+        self.poll_limit: int | None = None  # from this many polls on, on_idle is called on every poll
+        self.sent: list[Send] = []  # every send, acknowledged or not
+        self.polls = 0
+        self.flushes = 0
+        self.seeks: list[tuple[TopicPartition, int]] = []
+        self.closed = False
+        self._in_flight: list[tuple[Send, FakeDelivery]] = []
+
+    # -- test side ----------------------------------------------------------------------------------
+
+    def produce_input(
+        self, partition: int, key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]]
+    ) -> Record:
+        tp = TopicPartition(self.input_topic, partition)
+        record = Record(tp.topic, partition, len(self.inputs[tp]), key, value, list(headers))
+        self.inputs[tp].append(record)
+        return record
+
+    def topic(self, name: str) -> list[Record]:
+        return self.produced.get(name, [])
+
+    def revoke(self, partitions: Collection[TopicPartition]) -> None:
+        """As a rebalance would: the partitions are no longer ours (the listener hears it)."""
+        self.assigned -= set(partitions)
+        if self.listener is not None:
+            self.listener.on_revoked(set(partitions))
+
+    # -- KafkaClient --------------------------------------------------------------------------------
+
+    def subscribe(self, topics: Sequence[str], listener: RebalanceListener) -> None:
+        assert list(topics) == [self.input_topic]
+        self.listener = listener
+        self.assigned = set(self.inputs)
+        for tp in self.assigned:
+            self.positions[tp] = self.committed.get(tp, 0)
+        listener.on_assigned(set(self.assigned))
+
+    def poll(self, timeout_ms: int, max_records: int) -> list[Message]:
+        self.polls += 1
+        records: list[Message] = []
+        for tp in sorted(self.assigned):
+            start = self.positions[tp]
+            taken = self.inputs[tp][start : start + max_records - len(records)]
+            records.extend(taken)
+            self.positions[tp] = start + len(taken)
+        limited = self.poll_limit is not None and self.polls >= self.poll_limit
+        if (not records or limited) and self.on_idle is not None:
+            self.on_idle()
+        return records
+
+    def send(self, topic: str, value: bytes, key: bytes | None, headers: Headers) -> Delivery:
+        assert isinstance(value, bytes), "the client sends bytes"
+        delivery = FakeDelivery()
+        send = Send(topic, value, key, list(headers), self.flushes)
+        self.sent.append(send)
+        self._in_flight.append((send, delivery))
+        return delivery
+
+    def flush(self, timeout_s: float) -> None:
+        if self.on_flush is not None:
+            self.on_flush(self)
+        self.flushes += 1
+        in_flight, self._in_flight = self._in_flight, []
+        for send, delivery in in_flight:
+            delivery.resolved = True
+            delivery.outcome = next((e for rule in self.rules if (e := rule(send)) is not None), None)
+            if delivery.outcome is None:
+                log = self.produced.setdefault(send.topic, [])
+                log.append(Record(send.topic, 0, len(log), send.key, send.value, list(send.headers)))
+
+    def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        if self.commit_errors:
+            raise self.commit_errors.pop(0)
+        if not set(offsets) <= self.assigned:  # as after a rebalance: this generation's commits are refused
+            raise CommitFailedError("the group has rebalanced; partitions were revoked")
+        self.committed.update(offsets)
+
+    def seek(self, partition: TopicPartition, offset: int) -> None:
+        self.seeks.append((partition, offset))
+        self.positions[partition] = offset
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.assigned)
+
+    def lag(self, partitions: Collection[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: len(self.inputs[tp]) - self.positions[tp] for tp in partitions}
+
+    def ping(self) -> None:
+        return None
+
+    def close(self, flush_timeout_s: float) -> None:
+        self.flush(flush_timeout_s)
+        self.closed = True
