@@ -1,7 +1,8 @@
 """`veilstream anonymize`: images, folders and videos through the shared pipeline, written to a folder.
 
 Files -> the runner -> a folder sink (anonymized images, frames.jsonl, summary.json) and a video sink (one
-.mp4 per video input, its size and frame rate kept).
+.mp4 per video input, its size and frame rate kept). Every path given or found in a folder ends up in
+summary.json: read (a row, with its failed frames in `errors`) or passed over (`skipped`, with the reason).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 from tqdm import tqdm
 
 from veilstream.config import VeilstreamConfig
-from veilstream.decoding.files import file_items
+from veilstream.decoding.files import file_items, scan_inputs
 from veilstream.decoding.images import DecodeLimits
 from veilstream.pipeline import Pipeline
 from veilstream.publishing.files import FolderSink, VideoSink
@@ -29,11 +30,12 @@ def run_anonymize(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Anonymize every input into `out`; returns summary.json's content."""
+    scan = scan_inputs(inputs)
     videos = VideoSink(out)
-    folder = FolderSink(out, pipeline.encoder.extension, videos)
+    folder = FolderSink(out, pipeline.encoder.extension, videos, scan.skipped)
     runner = Runner(pipeline, [folder, videos], config.pipeline.batch_size, worker="anonymize")
     limits = DecodeLimits(config.decode.min_side, config.decode.max_pixels)
-    items = file_items(inputs, video_step=1, limits=limits, video_limit=video_limit)
+    items = file_items(scan, video_step=1, limits=limits, video_limit=video_limit)
     try:
         runner.run(tqdm(items, unit="frame", disable=not progress))
     finally:

@@ -16,10 +16,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from veilstream.decoding.images import sniff_codec
-from veilstream.publishing.encoding import CONTENT_TYPES, encode_frame
-from veilstream.errors import ConfigError
 from veilstream.decoding.files import IMAGE_SUFFIXES, VIDEO_SUFFIXES, iter_video, video_info
+from veilstream.decoding.formats import CONTENT_TYPES, sniff_codec
+from veilstream.errors import ConfigError
+from veilstream.publishing.encoding import encode_frame
 
 RateMode = Literal["recorded", "max", "fixed"]
 MANIFEST_SUFFIXES = frozenset({".csv", ".jsonl"})

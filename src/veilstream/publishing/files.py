@@ -3,6 +3,10 @@
 
 Fail-closed like every sink: what is written is the outcome's bytes (published, or the grey frame of a masked
 one); a dropped image writes nothing and a dropped video frame becomes grey. Raw pixels are never written.
+
+summary.json accounts for every input path: a row per input read (its figures), `errors` for each failed frame
+with the `side` at fault (`input`: unreadable, corrupt or refused; `pipeline`: a stage failed; `output`: the file
+could not be written), and `skipped` for each path not read as an input, with its reason.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from veilstream.decoding.files import is_video, video_info
+from veilstream.decoding.files import Skipped, is_video, video_info
 from veilstream.decoding.images import Frame, decode_frame
-from veilstream.outcome import Dropped
+from veilstream.errors import FrameError, StageError
+from veilstream.outcome import Dropped, Published
 from veilstream.runner import Processed
 from veilstream.schemas.records import FrameRecord
 from veilstream.stats import figures, json_safe
@@ -50,6 +55,16 @@ def error_entries(records: Iterable[FrameRecord]) -> list[dict[str, Any]]:
         for r in records
         if r.reason is not None
     ]
+
+
+def fault_side(error: FrameError) -> str:
+    """Who is at fault for a failed frame: a stage of the pipeline, or the input (everything the source refused:
+    unreadable, corrupt, truncated, outside the limits). Output failures are the sinks' own entries."""
+    return "pipeline" if isinstance(error, StageError) else "input"
+
+
+def output_error(source: str, sequence: int | None, reason: str, detail: str) -> dict[str, Any]:
+    return {"input": source, "sequence": sequence, "side": "output", "reason": reason, "detail": detail}
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -113,9 +128,7 @@ class VideoSink:
         writer = cv2.VideoWriter(str(target), cv2.VideoWriter.fourcc(*"mp4v"), video_info(Path(source)).fps, size)
         if not writer.isOpened():
             self._failed.add(source)
-            self.errors.append(
-                {"input": source, "sequence": None, "reason": "unwritable_video", "detail": f"cannot open {target}"}
-            )
+            self.errors.append(output_error(source, None, "unwritable_video", f"cannot open {target} for writing"))
             return None
         self.writers[source] = writer
         self.shapes[source] = first.shape
@@ -127,23 +140,29 @@ class VideoSink:
 
 
 class FolderSink:
-    """Anonymized images (`stem + extension`), `frames.jsonl`, and on `close` `summary.json`: per input and in
-    total, the figures of `stats.figures` and the list of failed frames. Video frames go to `videos`, whose
-    outputs and errors the summary includes.
+    """Anonymized images (`stem + extension`; `stem-0000 + extension`, ... for the frames of a multi-frame image),
+    `frames.jsonl`, and on `close` `summary.json`: per input and in total, the figures of `stats.figures`, the
+    failed frames and the `skipped` paths. Video frames go to `videos`, whose outputs and errors the summary
+    includes. Two inputs never share an output file: a name already taken gets `~2`, `~3`, ... before its suffix.
 
     Per input, `seconds` is the frames' own time in the pipeline stages (inputs share batches, so there is no
     wall time per input); the totals' `seconds` is the wall time from the sink's start to `close`.
     """
 
-    def __init__(self, out: Path, extension: str, videos: VideoSink | None = None) -> None:
+    def __init__(
+        self, out: Path, extension: str, videos: VideoSink | None = None, skipped: Sequence[Skipped] = ()
+    ) -> None:
         out.mkdir(parents=True, exist_ok=True)
         self.out = out
         self.extension = extension
         self.videos = videos
+        self.skipped = list(skipped)
         self.log = FrameLog(out / "frames.jsonl")
         self.pending: list[Processed] = []
         self.records: dict[str, list[FrameRecord]] = {}
         self.outputs: dict[str, str] = {}
+        self.errors: list[dict[str, Any]] = []
+        self._stems: dict[str, str] = {}  # output stem -> the input that owns it
         self.started = time.perf_counter()
 
     def add(self, item: Processed) -> None:
@@ -152,25 +171,52 @@ class FolderSink:
     def flush(self) -> None:
         for item in self.pending:
             source = item.origin.source
+            if not isinstance(item.outcome, Published):
+                self.errors.append(
+                    {
+                        "input": input_name(item.record),
+                        "sequence": item.origin.sequence,
+                        "side": fault_side(item.outcome.error),
+                        "reason": item.outcome.error.reason,
+                        "detail": item.outcome.error.detail,
+                    }
+                )
             if source is not None and not is_video(Path(source)) and not isinstance(item.outcome, Dropped):
-                target = self.out / (Path(source).stem + self.extension)
-                target.write_bytes(item.outcome.data)
-                self.outputs[source] = str(target)
+                self._write(source, item.origin.sequence, item.outcome.data)
         self.log.write(item.record for item in self.pending)
         for item in self.pending:
             self.records.setdefault(input_name(item.record), []).append(item.record)
         self.pending.clear()
 
+    def _write(self, source: str, sequence: int | None, data: bytes) -> None:
+        stem = self._stem(source)
+        target = self.out / (stem + ("" if sequence is None else f"-{sequence:04d}") + self.extension)
+        try:
+            target.write_bytes(data)
+        except OSError as error:
+            self.errors.append(output_error(source, sequence, "unwritable_output", f"cannot write {target}: {error}"))
+            return
+        self.outputs.setdefault(source, str(target))  # a multi-frame image: its first frame's file
+
+    def _stem(self, source: str) -> str:
+        stem = Path(source).stem
+        candidate, number = stem, 1
+        while self._stems.setdefault(candidate, source) != source:
+            number += 1
+            candidate = f"{stem}~{number}"
+        return candidate
+
     def close(self) -> dict[str, Any]:
         """Flush, finish the videos and write summary.json; returns what it wrote."""
         self.flush()
         outputs = dict(self.outputs)
-        errors: list[dict[str, Any]] = []
+        errors = list(self.errors)
         if self.videos is not None:
             self.videos.close()
             outputs |= self.videos.outputs
             errors.extend(self.videos.errors)
         summary = summarize_inputs(self.records, outputs, errors, time.perf_counter() - self.started)
+        summary["skipped"] = [{"input": s.input, "reason": s.reason, "detail": s.detail} for s in self.skipped]
         write_json(self.out / "summary.json", summary)
         return summary
 
@@ -181,7 +227,7 @@ def summarize_inputs(
     errors: Sequence[dict[str, Any]],
     seconds: float,
 ) -> dict[str, Any]:
-    """summary.json of a folder: `inputs` (one row per input), `totals` and `errors`."""
+    """summary.json of a folder: `inputs` (one row per input), `totals` and `errors` (every failed frame)."""
     rows = []
     for source, own in records.items():
         busy = sum(r.latency_ms for r in own) / 1000
@@ -190,7 +236,7 @@ def summarize_inputs(
     return {
         "inputs": rows,
         "totals": {**_figures(every, seconds), "seconds": seconds},
-        "errors": [*error_entries(every), *errors],
+        "errors": list(errors),
     }
 
 

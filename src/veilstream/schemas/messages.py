@@ -15,7 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from veilstream.errors import FrameRejected
 
 SCHEMA_VERSION = "1"
-ContentType = Literal["image/jpeg", "image/png", "image/webp"]
+ContentType = Literal["image/jpeg", "image/png", "image/webp"]  # what the worker publishes (`publish.codec`)
+# What an input frame may be (`decoding.formats.CONTENT_TYPES`); one frame per message, so an animated GIF, WebP
+# or PNG or a multi-page TIFF is dead-lettered as `multiple_frames`.
+InputContentType = Literal["image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff", "image/gif"]
 Headers = Sequence[tuple[str, bytes]]
 
 
@@ -27,7 +30,12 @@ class InputFrameHeaders(_Headers):
     """Headers of a frame on the input topic. The value is the encoded image; the key is the camera id."""
 
     camera_id: str = Field(alias="camera-id", min_length=1, description="camera identifier (or the message key)")
-    content_type: ContentType | None = Field(None, alias="content-type", description="sniffed when absent")
+    content_type: InputContentType | None = Field(
+        None,
+        alias="content-type",
+        description="sniffed from the magic bytes when absent; when present, the bytes must match it "
+        "(else dead-lettered as content_type_mismatch)",
+    )
     sequence: int | None = Field(None, alias="sequence", ge=0, description="frame number within the camera")
     capture_time: datetime | None = Field(None, alias="capture-time", description="ISO 8601")
     ground_truth: str | None = Field(None, alias="ground-truth", description="true class, for accuracy metrics")

@@ -9,14 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from veilstream.decoding.formats import FORMAT_OF_CONTENT_TYPE, ImageFormat
 from veilstream.decoding.images import DecodeLimits, Frame, decode_frame
 from veilstream.errors import DecodeError, FrameError, FrameRejected
-from veilstream.publishing.encoding import CONTENT_TYPES, Codec
 from veilstream.runner import KafkaLineage, Origin, SourceItem
 from veilstream.schemas import InputFrameHeaders, decode_headers
 from veilstream.worker.client import Message
 
-_CODEC_OF = {v: k for k, v in CONTENT_TYPES.items()}
 Headers = list[tuple[str, bytes]]
 
 
@@ -41,7 +40,7 @@ def parse_record(
         raise FrameRejected("too_large", f"{len(value)} bytes exceeds the {max_bytes}-byte frame limit")
     defaults = {"camera-id": lineage.key.decode("utf-8", "replace")} if lineage.key else {}
     parsed = decode_headers(InputFrameHeaders, headers, **defaults)
-    expected: Codec | None = _CODEC_OF[parsed.content_type] if parsed.content_type else None
+    expected: ImageFormat | None = FORMAT_OF_CONTENT_TYPE[parsed.content_type] if parsed.content_type else None
     return parsed, decode_frame(value, limits, expected)
 
 
