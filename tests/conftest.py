@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from veilstream.decoding.images import Frame
 from veilstream.correction.classifier import Classifier, Preprocessing, imagenet_labels, load_efficientnet_lite0
+from veilstream.decoding.images import Frame
 
 MEDIA = Path(os.environ.get("VEILSTREAM_MEDIA", Path.home() / ".cache" / "veilstream" / "media"))
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from veilstream.publishing.encoding import encode_frame
 from veilstream.commands.replay import ManifestError, Pacer, ReplayItem, interleave, read_manifest, replay
+from veilstream.publishing.encoding import encode_frame
 
 from .conftest import noise_frames
 

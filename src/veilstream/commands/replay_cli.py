@@ -10,9 +10,9 @@ from datetime import UTC, datetime
 from kafka import KafkaProducer
 from tqdm import tqdm
 
+from veilstream.commands.replay import ManifestError, Pacer, ReplayItem, interleave, replay, source_items
 from veilstream.config import VeilstreamConfig
 from veilstream.errors import ConfigError
-from veilstream.commands.replay import ManifestError, Pacer, ReplayItem, interleave, replay, source_items
 
 MAX_REQUEST_BYTES = 20 * 1024 * 1024
 
