@@ -42,7 +42,7 @@ def _corrected(
     return FrameRecord.model_validate(values | fields)
 
 
-def _failed(outcome: str, latency_ms: float = 1.0, **fields: Any) -> FrameRecord:
+def _failed(outcome: str, latency_ms: float | None = 1.0, **fields: Any) -> FrameRecord:
     """A masked or dropped frame: no decision, an error."""
     values: dict[str, Any] = {
         "worker": "test",
@@ -86,7 +86,7 @@ def test_iterations_follow_the_papers_convention_and_rates_are_over_corrected_fr
         _corrected(True, True, 1, latency_ms=20),
         _corrected(True, True, 3, latency_ms=30),
         _corrected(True, False, 100, latency_ms=40, stop_reason="iteration_budget"),
-        _failed("dropped", latency_ms=0),  # undecodable: a frame, not in the rates, iterations or latency
+        _failed("dropped", latency_ms=None),  # never decoded: a frame, not in the rates, iterations or latency
         _failed("masked", latency_ms=0),
     ]
     result = figures(records, seconds=2.0)
@@ -103,7 +103,7 @@ def test_iterations_follow_the_papers_convention_and_rates_are_over_corrected_fr
     assert result.p95_iterations == pytest.approx(percentile([1, 3, 100], 95))
     assert result.max_iterations == 100
     assert result.mean_iterations_all == pytest.approx(26)  # every corrected frame
-    # Every frame's own latency, except an input that was dropped before any stage (it never became a frame).
+    # Every frame's own latency; an input that reached no stage has none.
     assert result.mean_latency_ms == pytest.approx(100 / 5)
     assert result.p50_latency_ms == pytest.approx(20)
     assert result.frames_per_second == pytest.approx(3.0)

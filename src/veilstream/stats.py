@@ -28,6 +28,11 @@ def rate(count: int, total: int) -> float:
     return count / total if total else math.nan
 
 
+def latencies_ms(records: Sequence[FrameRecord]) -> list[float]:
+    """Latencies of the records that have one (a file input that never decoded spent no time anywhere)."""
+    return [r.latency_ms for r in records if r.latency_ms is not None]
+
+
 def _optional(value: float) -> float | None:
     return None if math.isnan(value) else value
 
@@ -40,8 +45,7 @@ def figures(records: Sequence[FrameRecord], seconds: float | None = None) -> Fig
     """
     corrected = [r for r in records if r.corrected]
     stepped = [float(r.iterations) for r in corrected if r.iterations > 0]
-    # An input that never decoded spent no time in the stages: its zero would pull every latency figure down.
-    latencies = [r.latency_ms for r in records if r.stage_ms or r.outcome != "dropped"]
+    latencies = latencies_ms(records)
     labelled = [r for r in corrected if r.ground_truth is not None and r.original and r.final]
     naive_changed = sum(1 for r in corrected if r.naive_changed)
     final_changed = sum(1 for r in corrected if r.consistent is False)

@@ -211,7 +211,7 @@ def _plots(records: list[FrameRecord], out: Path) -> None:
     top.plot(sequence, np.cumsum([r.consistent is False for r in frames]), label="published (corrected)")
     top.set(ylabel="decision changes (cumulative)", title="Classifier decision changes")
     top.legend()
-    bottom.plot(sequence, [r.latency_ms for r in frames], ".", markersize=3)
+    bottom.plot(sequence, [r.latency_ms if r.latency_ms is not None else np.nan for r in frames], ".", markersize=3)
     bottom.set(xlabel="frame", ylabel="latency ms", title="Per-frame latency through the worker")
     figure.tight_layout()
     figure.savefig(out / "metrics.png", dpi=100)

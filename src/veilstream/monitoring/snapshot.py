@@ -28,7 +28,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from veilstream.schemas import Figures, FrameRecord
-from veilstream.stats import figures, percentile
+from veilstream.stats import figures, latencies_ms, percentile
 
 UNKNOWN_REASON = "unknown"
 """Reason of a dead letter without a `dlq-reason` header (or with an empty one)."""
@@ -168,7 +168,7 @@ def as_utc(moment: datetime) -> datetime:
 
 def p99_latency_ms(records: Sequence[FrameRecord]) -> float | None:
     """The p99 of `latency_ms` (None without records): the one latency figure beyond `stats.figures`."""
-    value = percentile([r.latency_ms for r in records], 99)
+    value = percentile(latencies_ms(records), 99)
     return None if math.isnan(value) else value
 
 

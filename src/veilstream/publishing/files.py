@@ -26,7 +26,7 @@ from veilstream.errors import FrameError, StageError
 from veilstream.outcome import Dropped, Published
 from veilstream.runner import Processed
 from veilstream.schemas.records import FrameRecord
-from veilstream.stats import figures, json_safe
+from veilstream.stats import figures, json_safe, latencies_ms
 
 GREY = 128
 
@@ -230,7 +230,7 @@ def summarize_inputs(
     """summary.json of a folder: `inputs` (one row per input), `totals` and `errors` (every failed frame)."""
     rows = []
     for source, own in records.items():
-        busy = sum(r.latency_ms for r in own) / 1000
+        busy = sum(latencies_ms(own)) / 1000
         rows.append({"source": source, "output": outputs.get(source), "seconds": busy, **_figures(own, busy)})
     every = [r for own in records.values() for r in own]
     return {

@@ -25,7 +25,8 @@ def frame_record(
     latency_ms: float | None = None,
     setting: str | None = None,
 ) -> FrameRecord:
-    """`latency_ms` None means the frame's own time in the stages (files have no queue to wait in)."""
+    """`latency_ms` None means the frame's own time in the stages (files have no queue to wait in); an input that
+    reached no stage then has no latency at all."""
     stage_ms = dict(outcome.timings_ms)
     kafka = origin.kafka
     fields: dict[str, object] = {
@@ -48,7 +49,7 @@ def frame_record(
         ],
         "residual_faces": outcome.residual_faces,
         "residual_plates": outcome.residual_plates,
-        "latency_ms": sum(stage_ms.values()) if latency_ms is None else latency_ms,
+        "latency_ms": (sum(stage_ms.values()) if stage_ms else None) if latency_ms is None else latency_ms,
         "stage_ms": stage_ms,
         "ground_truth": origin.ground_truth,
     }

@@ -71,9 +71,9 @@ class FrameRecord(_Record):
     iterations: int = 0
     max_pixel_change: int = 0
     published_bytes: int | None = None
-    latency_ms: float = Field(
+    latency_ms: float | None = Field(
         description="worker: from receiving the frame's batch to handing its output to the producer; "
-        "files: the frame's own time in the pipeline stages"
+        "files: the frame's own time in the pipeline stages, None for an input that never reached a stage"
     )
     stage_ms: dict[str, float] = Field(default_factory=dict, description="this frame's time in each stage")
     ground_truth: str | None = None
