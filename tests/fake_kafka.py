@@ -1,19 +1,23 @@
 """An in-memory Kafka for the worker's in-process tests: failure paths a real broker cannot produce on demand.
 
 It implements `veilstream.worker.client.KafkaClient`: input topics with partitions and positions, a produce log per
-topic (acknowledged messages only), committed offsets, and hooks to refuse a send, fail a commit or revoke
-partitions in the middle of a batch.
+topic (acknowledged messages only; in a transaction, only once it commits), committed offsets, the clients' own
+state for readiness, and hooks to refuse a send, fail a commit or a transaction, or revoke partitions in the middle
+of a batch. In a transaction it fails like kafka-python: once a send is refused, every other send of the
+transaction not yet acknowledged fails with the same error, and later sends with TransactionAbortedError, until it
+is aborted.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from kafka import TopicPartition
-from kafka.errors import CommitFailedError
+from kafka.errors import CommitFailedError, TransactionAbortedError
 
-from veilstream.worker.client import Delivery, Message, RebalanceListener
+from veilstream.worker.client import ClientState, Delivery, Message, RebalanceListener, is_fatal
 
 Headers = list[tuple[str, bytes]]
 
@@ -59,6 +63,7 @@ class Send:
     key: bytes | None
     headers: Headers
     flush: int  # how many flushes came before this send
+    transaction: int | None = None  # the number of the transaction it was sent in
 
 
 # A rule returns the error a send meets at the next flush, or None to acknowledge it.
@@ -76,7 +81,9 @@ class FakeKafka:
         self.listener: RebalanceListener | None = None
         self.rules: list[Rule] = []
         self.commit_errors: list[BaseException] = []  # raised by the next commits, one each
+        self.poll_errors: list[BaseException] = []  # raised by the next polls, one each
         self.on_flush: Callable[[FakeKafka], None] | None = None
+        self.hold: Callable[[], bool] | None = None  # while it returns True, flushes acknowledge nothing (an outage)
         self.on_idle: Callable[[], None] | None = None  # called when a poll finds nothing (tests stop the worker)
         self.poll_limit: int | None = None  # from this many polls on, on_idle is called on every poll
         self.sent: list[Send] = []  # every send, acknowledged or not
@@ -84,7 +91,16 @@ class FakeKafka:
         self.flushes = 0
         self.seeks: list[tuple[TopicPartition, int]] = []
         self.closed = False
+        self.client_state = ClientState(joined=True)  # what state() reports (partitions: the assignment)
+        self.fetching = True  # each poll gets a fetch response (state().last_fetch)
+        self.last_fetch: float | None = None
+        self.last_ack: float | None = None
+        self.transactions: list[str] = []  # "begin", "commit", "abort", in order
+        self.transaction_errors: list[BaseException] = []  # raised by the next commit_transaction calls, one each
+        self.aborted: list[Record] = []  # acknowledged in a transaction that was then aborted
         self._in_flight: list[tuple[Send, FakeDelivery]] = []
+        self._transaction: list[Record] | None = None  # acknowledged in the open transaction
+        self._transaction_error: BaseException | None = None  # the refusal that failed the open transaction
 
     # -- test side ----------------------------------------------------------------------------------
 
@@ -117,6 +133,10 @@ class FakeKafka:
 
     def poll(self, timeout_ms: int, max_records: int) -> list[Message]:
         self.polls += 1
+        if self.poll_errors:
+            raise self.poll_errors.pop(0)
+        if self.fetching:
+            self.last_fetch = time.monotonic()
         records: list[Message] = []
         for tp in sorted(self.assigned):
             start = self.positions[tp]
@@ -131,8 +151,13 @@ class FakeKafka:
     def send(self, topic: str, value: bytes, key: bytes | None, headers: Headers) -> Delivery:
         assert isinstance(value, bytes), "the client sends bytes"
         delivery = FakeDelivery()
-        send = Send(topic, value, key, list(headers), self.flushes)
+        number = self.transactions.count("begin") if self._transaction is not None else None
+        send = Send(topic, value, key, list(headers), self.flushes, number)
         self.sent.append(send)
+        if self._transaction_error is not None:
+            return FakeDelivery(
+                TransactionAbortedError(f"the transaction already failed: {self._transaction_error}"), True
+            )
         self._in_flight.append((send, delivery))
         return delivery
 
@@ -140,15 +165,32 @@ class FakeKafka:
         if self.on_flush is not None:
             self.on_flush(self)
         self.flushes += 1
+        if self.hold is not None and self.hold():
+            time.sleep(min(timeout_s, 0.05))
+            return
         in_flight, self._in_flight = self._in_flight, []
         for send, delivery in in_flight:
             delivery.resolved = True
+            if self._transaction_error is not None:  # kafka-python fails what it had not sent yet with that error
+                delivery.outcome = self._transaction_error
+                continue
             delivery.outcome = next((e for rule in self.rules if (e := rule(send)) is not None), None)
             if delivery.outcome is None:
-                log = self.produced.setdefault(send.topic, [])
-                log.append(Record(send.topic, 0, len(log), send.key, send.value, list(send.headers)))
+                self.last_ack = time.monotonic()
+                record = Record(send.topic, 0, 0, send.key, send.value, list(send.headers))
+                if self._transaction is not None:
+                    self._transaction.append(record)
+                else:
+                    self._append(record)
+            elif self._transaction is not None and is_fatal(delivery.outcome):
+                self._transaction_error = delivery.outcome
 
-    def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+    def _append(self, record: Record) -> None:
+        log = self.produced.setdefault(record.topic, [])
+        log.append(Record(record.topic, 0, len(log), record.key, record.value, record.headers))
+
+    def commit(self, offsets: Mapping[TopicPartition, int], timeout_s: float) -> None:
+        assert self._transaction is None, "offsets go in the transaction"
         if self.commit_errors:
             raise self.commit_errors.pop(0)
         if not set(offsets) <= self.assigned:  # as after a rebalance: this generation's commits are refused
@@ -165,9 +207,41 @@ class FakeKafka:
     def lag(self, partitions: Collection[TopicPartition]) -> dict[TopicPartition, int]:
         return {tp: len(self.inputs[tp]) - self.positions[tp] for tp in partitions}
 
-    def ping(self) -> None:
-        return None
+    def state(self) -> ClientState:
+        state = self.client_state
+        return ClientState(
+            state.joined, len(self.assigned), state.unreachable, self.last_fetch, self.last_ack, state.problems
+        )
 
-    def close(self, flush_timeout_s: float) -> None:
-        self.flush(flush_timeout_s)
+    def begin_transaction(self, timeout_s: float) -> None:
+        assert self._transaction is None, "a transaction is already open"
+        self.transactions.append("begin")
+        self._transaction = []
+
+    def commit_transaction(self, offsets: Mapping[TopicPartition, int], timeout_s: float) -> None:
+        assert self._transaction is not None and self._transaction_error is None, "commit of a failed transaction"
+        assert not self._in_flight, "every send of the transaction is acknowledged first"
+        if self.transaction_errors:
+            raise self.transaction_errors.pop(0)
+        if not set(offsets) <= self.assigned:  # KIP-447: a member of an old generation is fenced
+            raise CommitFailedError("the group has rebalanced; partitions were revoked")
+        self.transactions.append("commit")
+        for record in self._transaction:
+            self._append(record)
+        self.committed.update(offsets)
+        self._transaction = None
+
+    def abort_transaction(self, timeout_s: float) -> None:
+        if self._transaction is None:
+            return
+        self.transactions.append("abort")
+        self.flush(timeout_s)  # what is in flight completes, then is thrown away
+        self.aborted.extend(self._transaction)
+        self._transaction = None
+        self._transaction_error = None
+
+    def close(self, timeout_s: float) -> None:
+        if self._transaction is not None:
+            self.abort_transaction(timeout_s)
+        self.flush(timeout_s)
         self.closed = True

@@ -213,3 +213,13 @@ def test_input_content_types_match_the_decoder() -> None:
     assert set(get_args(ContentType)) <= set(CONTENT_TYPES.values())
     for content_type, codec in FORMAT_OF_CONTENT_TYPE.items():
         assert CONTENT_TYPES[codec] == content_type
+
+
+def test_a_broken_image_is_reported_as_such_after_ultralytics_patched_pillow() -> None:
+    """Loading YOLO patches Image.open to pip-install a HEIF plugin for files Pillow cannot identify."""
+    import ultralytics.utils.patches  # noqa: F401  (applies the patch)
+
+    with pytest.raises(DecodeError) as caught:
+        decode_frame(b"\xff\xd8\xff junk")
+    assert caught.value.reason == "corrupt_header"
+    assert "heif" not in caught.value.detail.lower()

@@ -1,18 +1,21 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 import torch
+from torch import nn
 
 from veilstream.anonymizers.filters import GaussianBlur, SolidMask
 from veilstream.anonymizers.regions import Region, region_mask
 from veilstream.correction.classifier import Classifier, Ensemble, Grouping
 from veilstream.correction.corrector import AdaptiveCorrector, CorrectionSettings
 from veilstream.correction.saliency import salient_window
+from veilstream.correction.steps import GradientPoint, seen_by_classifier
 from veilstream.decoding.images import Frame
 from veilstream.publishing.encoding import Encoder
 
@@ -202,3 +205,86 @@ def test_published_check_catches_what_the_float_check_misses(lite0: Classifier, 
     assert not by_float.consistent, "JPEG re-encoding should undo the float-only correction here"
     assert by_published.consistent
     assert by_published.iterations > by_float.iterations
+
+
+class _CountingNet(nn.Module):
+    """Wraps a model and counts forward passes that build a graph (the gradient steps)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.graph_passes = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            self.graph_passes += 1
+        return self.inner(x)  # type: ignore[no-any-return]
+
+
+def test_only_members_whose_decision_changed_steer_a_step() -> None:
+    """members="changed": a member that agrees on the published frame is not run in the step at all."""
+    moving = tiny_classifier("moving", seed=1)
+    steady_net = _CountingNet(_ConstantNet())  # decides class 0 whatever the pixels: never changes
+    steady = Classifier("steady", steady_net, moving.preprocessing, moving.labels)
+    ensemble = Ensemble([moving, steady])
+    case = _flipped(ensemble, masked_case(count=24, seed=3))
+    settings = CorrectionSettings(max_change=128, time_budget_ms=None, members="changed")
+    results = AdaptiveCorrector(ensemble, settings).correct(*case)
+    assert all(r.consistent for r in results), [r.stop_reason for r in results]
+    assert any(r.iterations > 0 for r in results)
+    assert steady_net.graph_passes == 0
+    AdaptiveCorrector(ensemble, replace(settings, members="all")).correct(*case)
+    assert steady_net.graph_passes > 0
+
+
+class _ConstantNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros((x.shape[0], 10), device=x.device)
+        logits[:, 0] = 5.0
+        return logits + self.scale * x.mean()
+
+
+def test_ensemble_loss_skips_members_with_zero_weight() -> None:
+    first, second = tiny_classifier("a", seed=1), tiny_classifier("b", seed=2)
+    counter = _CountingNet(second.model)
+    ensemble = Ensemble([first, Classifier("b", counter, second.preprocessing, second.labels)])
+    frames = [_tensor(f).requires_grad_(True) for f in noise_frames(3)]
+    targets = torch.zeros((2, 3), dtype=torch.long)
+    weights = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    loss = ensemble.loss(frames, targets, weights)
+    assert counter.graph_passes == 0
+    assert loss[1] == 0
+    full = ensemble.loss(frames, targets)
+    assert counter.graph_passes == 1
+    assert torch.allclose(loss[0], first.loss(first.logits(frames[:1]), targets[0, :1])[0])
+    assert full[0] > loss[0]
+
+
+@pytest.mark.parametrize("point", ["published", "codec"])
+def test_gradient_point_sees_the_published_pixels(point: GradientPoint) -> None:
+    """Both views have the published pixels as their value; `codec` routes the gradient through a
+    differentiable JPEG inside the region's 16-pixel blocks (none outside), `published` passes it straight."""
+    (frame,) = noise_frames(1)
+    region = torch.zeros((1, 64, 96), dtype=torch.bool)
+    region[:, 20:40, 30:60] = True
+    published = _tensor(Encoder(quality=75).roundtrip(frame).decoded)
+    current = _tensor(frame).requires_grad_(True)
+    seen = seen_by_classifier(current, published, region, point, 75)
+    assert torch.allclose(seen, published)
+    weights = torch.randn(seen.shape, generator=torch.Generator().manual_seed(0))
+    (gradient,) = torch.autograd.grad((seen * weights).sum(), [current])
+    if point == "published":
+        assert torch.equal(gradient, weights)
+    else:
+        assert not torch.allclose(gradient[:, 16:48, 16:64], weights[:, 16:48, 16:64], atol=1e-3)
+        assert torch.count_nonzero(gradient[:, :, 80:]) == 0, "outside the region's JPEG blocks nothing moves"
+
+
+@pytest.mark.parametrize("bad", [{"alpha": 0.0}, {"max_change": 300}, {"max_iterations": -1}])
+def test_settings_are_validated(bad: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        CorrectionSettings(**bad)  # type: ignore[arg-type]

@@ -1,5 +1,6 @@
-"""Every delivery path of the worker, in-process: the real Worker, Runner, Pipeline and KafkaSink on an in-memory
-Kafka (tests/fake_kafka.py) that refuses sends, fails commits and revokes partitions on demand.
+"""Every delivery path of the worker (at-least-once and exactly-once), in-process: the real Worker, Runner,
+Pipeline and KafkaSink on an in-memory Kafka (tests/fake_kafka.py) that refuses sends, fails commits and
+transactions, and revokes partitions on demand.
 
 The models are stand-ins (a scripted region finder, a solid mask, a tiny classifier); the real-broker tests are
 tests/integration/test_worker.py.
@@ -22,6 +23,7 @@ from kafka.errors import (
     KafkaTimeoutError,
     MessageSizeTooLargeError,
     NotEnoughReplicasError,
+    ProducerFencedError,
     TopicAuthorizationFailedError,
 )
 
@@ -35,8 +37,9 @@ from veilstream.detectors.base import Detection
 from veilstream.detectors.finders import FoundRegions
 from veilstream.pipeline import FailurePolicy, OnFailure, Pipeline
 from veilstream.publishing.encoding import Encoder, encode_frame
+from veilstream.worker.client import TransactionInDoubt
 from veilstream.worker.lifecycle import SHUTDOWN_OVERRUN_EXIT, Lifecycle
-from veilstream.worker.loop import BatchReport, Worker
+from veilstream.worker.loop import EXIT_FENCED, EXIT_TRANSACTION_IN_DOUBT, BatchReport, Worker
 
 from .conftest import noise_frames, tiny_classifier
 from .fake_kafka import FakeKafka, Record, Rule, Send
@@ -483,19 +486,119 @@ def test_a_second_signal_exits_at_once() -> None:
     lifecycle.finished()
 
 
-def test_readiness_follows_the_broker_and_the_stop() -> None:
+# -- exactly-once: one transaction per batch -------------------------------------------------------------------
+
+
+CLOSING_AGGREGATE = ["begin", "commit"]  # the aggregate of the delivered frames, sent when the worker stops
+
+
+def exactly_once(**worker: Any) -> VeilstreamConfig:
+    return config(processing_guarantee="exactly-once", **worker)
+
+
+def test_exactly_once_commits_outputs_records_and_offsets_in_one_transaction_per_batch() -> None:
+    kafka = FakeKafka(partitions=2)
+    feed(kafka, 0, 3)
+    feed(kafka, 1, 3)
+    kafka.commit_errors = [AssertionError("exactly-once commits offsets in the transaction only")]
+    worker = run(kafka, exactly_once(aggregate_interval_s=0.001), pipeline())
+
+    assert kafka.transactions == ["begin", "commit"] * 3, "two batches, then the last aggregate"
+    assert sorted(sources(kafka.topic(OUTPUT))) == [(p, o) for p in (0, 1) for o in range(3)]
+    assert len(frame_records(kafka)) == 6 and kafka.aborted == []
+    assert {s.transaction for s in kafka.sent} == {1, 2, 3}, "nothing is sent outside a transaction"
+    assert kafka.committed == {TopicPartition(INPUT, 0): 3, TopicPartition(INPUT, 1): 3}
+    assert sum(a["frames"] for a in aggregates(kafka)) == 6
+    assert metric(worker, "veilstream_frames_out_total") == 6
+
+
+def test_exactly_once_a_retriable_failure_aborts_and_the_retry_publishes_each_frame_once() -> None:
     kafka = FakeKafka(partitions=1)
-    feed(kafka, 0, 1)
-    seen: list[bool] = []
-    worker = Worker(config(), pipeline(), client=kafka, lifecycle=Lifecycle(30.0, exit=lambda _c: None))
-    assert not worker.ready()
+    feed(kafka, 0, 4)
+    kafka.rules.append(refuse(OUTPUT, NotEnoughReplicasError("in sync replicas"), case="p0-s1", flushes=1))
+    worker = run(kafka, exactly_once(), pipeline())
 
-    def idle() -> None:
-        seen.append(worker.ready())
-        worker.request_stop()
-        seen.append(worker.ready())
+    assert kafka.transactions == ["begin", "abort", "begin", "commit", *CLOSING_AGGREGATE]
+    assert sources(kafka.topic(OUTPUT)) == [(0, 0), (0, 1), (0, 2), (0, 3)], "no duplicate is ever visible"
+    assert len(kafka.aborted) == 3 + 4, "what the first attempt got acknowledged: three outputs, the four records"
+    assert kafka.seeks == [(TopicPartition(INPUT, 0), 0)]
+    assert len(frame_records(kafka)) == 4
+    assert metric(worker, "veilstream_batch_retries_total") == 1
+    assert metric(worker, "veilstream_frames_out_total") == 4
+    assert kafka.committed == {TopicPartition(INPUT, 0): 4}
 
-    kafka.on_idle = idle
-    worker.run()
-    assert seen == [True, False]
-    assert metric(worker, "veilstream_ready") == 0
+
+def test_exactly_once_finds_the_refused_output_among_the_failed_ones_and_dead_letters_it() -> None:
+    """After one refusal the fake, like kafka-python, fails the whole transaction with that same error: the sink
+    must probe each suspect alone (aborting each probe) to find which one the broker refuses."""
+    kafka = FakeKafka(partitions=1)
+    inputs = feed(kafka, 0, 4)
+    too_large = MessageSizeTooLargeError("larger than max.message.bytes")
+    kafka.rules.append(refuse(OUTPUT, too_large, case="p0-s2"))
+    worker = run(kafka, exactly_once(), pipeline())
+
+    probes = 6  # the refused output and the five messages after it failed with its error: each is sent alone
+    assert (
+        kafka.transactions == ["begin", "abort"] + ["begin", "abort"] * probes + ["begin", "commit"] + CLOSING_AGGREGATE
+    )
+    assert sources(kafka.topic(OUTPUT)) == [(0, 0), (0, 1), (0, 3)]
+    (dead,) = kafka.topic(DLQ)
+    assert (dead.header("dlq-reason"), dead.header("original-test-case")) == ("output_refused", "p0-s2")
+    assert dead.value == inputs[2].value
+    record = next(r for r in frame_records(kafka) if r["source_offset"] == 2)
+    assert (record["outcome"], record["reason"]) == ("dropped", "output_refused")
+    assert len(frame_records(kafka)) == 4, "each record once: the aborted attempts left none behind"
+    assert metric(worker, "veilstream_batch_retries_total") == 0
+    assert kafka.committed == {TopicPartition(INPUT, 0): 4}
+
+
+def test_exactly_once_a_single_refused_message_needs_no_probe() -> None:
+    kafka = FakeKafka(partitions=1)
+    feed(kafka, 0, 2)
+    kafka.rules.append(refuse(METRICS, MessageSizeTooLargeError("too large"), case="p0-s1"))  # the last message
+    worker = run(kafka, exactly_once(), pipeline())
+
+    assert kafka.transactions == ["begin", "abort", "begin", "commit", *CLOSING_AGGREGATE]
+    assert sources(kafka.topic(OUTPUT)) == [(0, 0), (0, 1)]
+    assert [r["source_offset"] for r in frame_records(kafka)] == [0], "the refused record is left out"
+    assert metric(worker, "veilstream_batch_retries_total") == 0
+    assert kafka.committed == {TopicPartition(INPUT, 0): 2}
+
+
+def test_exactly_once_a_failed_offset_commit_aborts_and_nothing_is_visible() -> None:
+    kafka = FakeKafka(partitions=1)
+    feed(kafka, 0, 2)
+    kafka.transaction_errors = [CommitFailedError("fenced: the group moved to a new generation")]
+    worker = run(kafka, exactly_once(), pipeline())
+
+    assert kafka.transactions == ["begin", "abort", "begin", "commit", *CLOSING_AGGREGATE]
+    assert sources(kafka.topic(OUTPUT)) == [(0, 0), (0, 1)], "the aborted attempt left nothing visible"
+    assert len(kafka.aborted) == 4
+    assert metric(worker, "veilstream_batch_retries_total") == 1
+    assert kafka.committed == {TopicPartition(INPUT, 0): 2}
+
+
+def test_exactly_once_a_commit_in_doubt_restarts_the_worker_without_rewinding() -> None:
+    kafka = FakeKafka(partitions=1)
+    feed(kafka, 0, 2)
+    kafka.transaction_errors = [TransactionInDoubt("the commit was not confirmed within 20 s")]
+    worker = Worker(exactly_once(), pipeline(), client=kafka, lifecycle=Lifecycle(30.0, exit=lambda _c: None))
+
+    assert worker.run() == EXIT_TRANSACTION_IN_DOUBT
+    assert kafka.seeks == [] and kafka.committed == {}, "the broker's outcome decides, not a rewind"
+    assert metric(worker, "veilstream_frames_out_total") == 0
+    assert kafka.closed
+
+
+def test_exactly_once_a_fenced_producer_stops_the_worker() -> None:
+    kafka = FakeKafka(partitions=1)
+    feed(kafka, 0, 2)
+
+    def fenced(timeout_s: float) -> None:
+        raise ProducerFencedError("another producer with the same transactional.id")
+
+    kafka.begin_transaction = fenced  # type: ignore[method-assign]
+    worker = Worker(exactly_once(), pipeline(), client=kafka, lifecycle=Lifecycle(30.0, exit=lambda _c: None))
+
+    assert worker.run() == EXIT_FENCED
+    assert kafka.topic(OUTPUT) == [] and kafka.committed == {}

@@ -8,8 +8,9 @@ from veilstream.config import VeilstreamConfig, resolve_device
 from veilstream.correction.classifier import Ensemble
 from veilstream.correction.corrector import AdaptiveCorrector, CorrectionSettings
 from veilstream.correction.loading import build_anonymizer, build_ensemble, correction_settings
-from veilstream.detectors.config import build_detector
+from veilstream.detectors.config import build_detector, build_memory
 from veilstream.detectors.finders import DetectorRegionFinder, RegionFinder, SalientRegionFinder
+from veilstream.detectors.leakcheck import LeakCheck
 from veilstream.pipeline import FailurePolicy, Pipeline
 from veilstream.publishing.encoding import Encoder
 
@@ -25,6 +26,17 @@ def build_corrector(
 ) -> AdaptiveCorrector:
     settings = settings or correction_settings(config.correction)
     return AdaptiveCorrector(ensemble, settings, device, encoder=build_encoder(config))
+
+
+def build_leak_check(config: VeilstreamConfig, device: str) -> LeakCheck | None:
+    """The independent leak check the configuration asks for (loads its model), None when it is off."""
+    settings = config.pipeline.leak_check
+    if settings.detector == "off":
+        return None
+    from veilstream.detectors.mtcnn import MtcnnFaces
+
+    padding = config.detectors.padding.get("face", 0.0)
+    return LeakCheck(MtcnnFaces(device=device), settings.every, settings.on_leak, padding)
 
 
 def build_pipeline(
@@ -44,6 +56,7 @@ def build_pipeline(
     anonymizer = GaussianBlur(kernel=9, sigma=10) if paper_blur else build_anonymizer(config.anonymizer)
     finder: RegionFinder
     leak_detector = None
+    memory = None
     if region == "salient":
         assert ensemble is not None
         finder = SalientRegionFinder(ensemble.members[0], salient_size)
@@ -51,6 +64,7 @@ def build_pipeline(
         detector = build_detector(config.detectors, device)
         finder = DetectorRegionFinder(detector, config.anonymizer.shape)
         leak_detector = detector
+        memory = build_memory(config.detectors.memory)
     if config.torch_threads is not None:
         import torch
 
@@ -58,4 +72,15 @@ def build_pipeline(
         torch.set_num_threads(config.torch_threads)
     corrector = build_corrector(config, ensemble, device) if correcting and ensemble is not None else None
     policy = FailurePolicy(config.pipeline.on_failure, config.pipeline.residual_check)
-    return Pipeline(finder, anonymizer, build_encoder(config), corrector, policy, leak_detector, device)
+    return Pipeline(
+        finder,
+        anonymizer,
+        build_encoder(config),
+        corrector,
+        policy,
+        leak_detector,
+        device,
+        memory=memory,
+        leak_check=build_leak_check(config, device),
+        shape=config.anonymizer.shape,
+    )

@@ -24,11 +24,19 @@ def _count(detections: tuple[Detection, ...], kind: str) -> int:
 
 @dataclass(frozen=True)
 class _Found:
-    """What the detect and leak-check stages saw (empty for simulated regions or a frame that never got there)."""
+    """What the detect and leak-check stages saw (empty for simulated regions or a frame that never got there).
+
+    `detections` are the anonymized objects, `remembered` those of them kept from the camera's earlier frames
+    (the detectors missed them here). `leaks` are the faces the independent leak check found anywhere in the
+    published frame, and `leak_checked` says whether it looked at this frame at all (it may run every Nth frame).
+    """
 
     detections: tuple[Detection, ...] = ()
     residual: tuple[Detection, ...] = ()
     timings_ms: Mapping[str, float] = field(default_factory=dict)
+    remembered: tuple[Detection, ...] = field(default=(), kw_only=True)
+    leaks: tuple[Detection, ...] = field(default=(), kw_only=True)
+    leak_checked: bool = field(default=False, kw_only=True)
 
     @property
     def faces(self) -> int:
@@ -61,8 +69,10 @@ class Published(_Found):
 
     @property
     def flagged(self) -> bool:
-        """Worth a human look: an anonymized object found again, or a decision not kept."""
-        return bool(self.residual) or (self.correction is not None and not self.correction.consistent)
+        """Worth a human look: an anonymized object found again, a possible leak, or a decision not kept."""
+        return (
+            bool(self.residual) or bool(self.leaks) or (self.correction is not None and not self.correction.consistent)
+        )
 
 
 @dataclass(frozen=True)

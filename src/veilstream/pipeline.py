@@ -1,15 +1,17 @@
-"""The one pipeline every entry point shares: detect -> anonymize -> correct -> publish (encode) -> leak check.
+"""The one pipeline every entry point shares: detect -> remember -> anonymize -> correct -> publish -> leak check.
 
-Pure with respect to I/O: frames in, one `FrameOutcome` per frame out. Fail-closed: a frame whose detection,
-anonymization, correction or encoding fails, or whose anonymized object is found again when the policy says
-that is a failure, is never published with raw pixels; by policy it is dropped with its error, or masked.
+Pure with respect to I/O: frames in, one `FrameOutcome` per frame out. Its one state is the optional memory of
+recent boxes per camera, consulted between detection and anonymization for frames given with their keys.
+Fail-closed: a frame whose detection, anonymization, correction or encoding fails, or whose anonymized object
+(or, by the leak check, any face) is found again when the policy says that is a failure, is never published with
+raw pixels; by policy it is dropped with its error, or masked.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, TypeVar
 
 import numpy as np
@@ -17,12 +19,14 @@ import numpy.typing as npt
 import torch
 
 from veilstream.anonymizers.filters import Anonymizer
-from veilstream.anonymizers.regions import region_mask
+from veilstream.anonymizers.regions import RegionShape, region_mask
 from veilstream.correction.corrector import AdaptiveCorrector, CorrectionResult
 from veilstream.decoding.images import Frame
 from veilstream.detectors.base import Detection, Detector
 from veilstream.detectors.combined import CombinedDetector
 from veilstream.detectors.finders import FoundRegions, RegionFinder, residual_detections
+from veilstream.detectors.leakcheck import LeakCheck
+from veilstream.detectors.memory import DetectionMemory, FrameKey
 from veilstream.errors import FrameError, StageError
 from veilstream.outcome import Dropped, FrameOutcome, Masked, Published
 from veilstream.publishing.encoding import Encoder
@@ -50,6 +54,7 @@ class Prepared:
     anonymized: list[Frame | None]
     masks: list[npt.NDArray[np.bool_] | None]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    keys: list[FrameKey | None] = field(default_factory=list)
 
 
 def _per_frame(items: Sequence[T], run: Callable[[Sequence[T]], list[object]], stage: str) -> list[object]:
@@ -80,6 +85,10 @@ class _Encoded:
 
 
 class Pipeline:
+    """`leak_detector` runs the residual check (policy.residual); `memory` keeps boxes across a camera's frames;
+    `leak_check` is the independent check on the published frame; `shape` is how remembered and leak-check
+    boxes are drawn (the finder's shape)."""
+
     def __init__(
         self,
         finder: RegionFinder,
@@ -89,6 +98,9 @@ class Pipeline:
         policy: FailurePolicy | None = None,
         leak_detector: Detector | None = None,
         device: torch.device | str = "cpu",
+        memory: DetectionMemory | None = None,
+        leak_check: LeakCheck | None = None,
+        shape: RegionShape = "box",
     ) -> None:
         self.finder = finder
         self.anonymizer = anonymizer
@@ -97,17 +109,31 @@ class Pipeline:
         self.policy = policy or FailurePolicy()
         self.leak_detector = leak_detector if self.policy.residual != "off" else None
         self.device = torch.device(device)
+        self.memory = memory
+        self.leak_check = leak_check
+        self.shape: RegionShape = shape
 
-    def process(self, frames: Sequence[Frame]) -> list[FrameOutcome]:
-        return self.finish(self.prepare(frames))
+    def process(self, frames: Sequence[Frame], keys: Sequence[FrameKey | None] | None = None) -> list[FrameOutcome]:
+        return self.finish(self.prepare(frames, keys))
 
-    def prepare(self, frames: Sequence[Frame]) -> Prepared:
-        """Find and anonymize the regions of every frame."""
+    def prepare(self, frames: Sequence[Frame], keys: Sequence[FrameKey | None] | None = None) -> Prepared:
+        """Find and anonymize the regions of every frame. `keys` (camera, sequence, capture time) let the memory
+        keep boxes across a camera's frames, which must then come in order; without keys nothing is remembered."""
+        frame_keys: list[FrameKey | None] = list(keys) if keys is not None else [None] * len(frames)
+        if len(frame_keys) != len(frames):
+            raise ValueError(f"{len(frame_keys)} keys for {len(frames)} frames")
         start = time.perf_counter()
         found: list[FoundRegions | FrameError] = [
             r if isinstance(r, FoundRegions | FrameError) else StageError("detect_failed", repr(r))
             for r in _per_frame(frames, self.finder.find, "detect")  # type: ignore[arg-type]
         ]
+        if self.memory is not None:
+            for index, (frame, key) in enumerate(zip(frames, frame_keys, strict=True)):
+                regions = found[index]
+                if isinstance(regions, FoundRegions):  # a failed frame is not recorded: the next one starts afresh
+                    height, width = frame.shape[:2]
+                    remembered = self.memory.remember(key, regions.detections, width, height)
+                    found[index] = regions.adding(remembered, self.shape, remembered=True)
         detected = time.perf_counter()
         anonymized: list[Frame | None] = []
         masks: list[npt.NDArray[np.bool_] | None] = []
@@ -126,7 +152,7 @@ class Pipeline:
             "detect": (detected - start) * 1000 / count,
             "anonymize": (time.perf_counter() - detected) * 1000 / count,
         }
-        return Prepared(list(frames), found, anonymized, masks, timings)
+        return Prepared(list(frames), found, anonymized, masks, timings, frame_keys)
 
     def _anonymize(self, frame: Frame, found: FoundRegions) -> tuple[Frame, npt.NDArray[np.bool_]]:
         regions = list(found.regions)
@@ -146,7 +172,13 @@ class Pipeline:
             self._correct(prepared, ready, corrector, stages) if corrector else self._encode(prepared, ready, stages)
         )
         residual = self._leak_check(prepared, encoded, stages)
-        return [self._outcome(prepared, i, encoded.get(i), residual.get(i, ()), stages[i]) for i in range(len(stages))]
+        leaks = self._independent_check(prepared, encoded, stages)
+        if self.leak_check is not None and self.leak_check.on_leak == "blur":
+            prepared = self._blur_leaks(prepared, leaks, encoded, corrector, stages)
+        return [
+            self._outcome(prepared, i, encoded.get(i), residual.get(i, ()), stages[i], leaks.get(i))
+            for i in range(len(stages))
+        ]
 
     def _correct(
         self, prepared: Prepared, ready: list[int], corrector: AdaptiveCorrector, stages: dict[int, dict[str, float]]
@@ -179,7 +211,7 @@ class Pipeline:
             pixels = prepared.anonymized[i]
             assert pixels is not None  # `ready` holds only anonymized frames
             try:
-                if self.leak_detector is not None:
+                if self.leak_detector is not None or self.leak_check is not None:  # a check decodes the bytes
                     roundtrip = self.encoder.roundtrip(pixels)
                     results[i] = _Encoded(roundtrip.data, roundtrip.decoded, None)
                 else:
@@ -219,6 +251,68 @@ class Pipeline:
             stages[i]["residual_check"] = each
         return residual
 
+    def _independent_check(
+        self, prepared: Prepared, encoded: dict[int, _Encoded | FrameError], stages: dict[int, dict[str, float]]
+    ) -> dict[int, tuple[Detection, ...] | FrameError]:
+        """Faces the leak check's detector finds anywhere in the published frames that are due for it."""
+        check = self.leak_check
+        if check is None:
+            return {}
+        due = [(i, e) for i, e in sorted(encoded.items()) if isinstance(e, _Encoded) and check.due(prepared.keys[i])]
+        if not due:
+            return {}
+        start = time.perf_counter()
+        try:
+            frames = [e.decoded if e.decoded is not None else _decode(e.data) for _, e in due]
+            found: dict[int, tuple[Detection, ...] | FrameError] = {
+                i: tuple(faces) for (i, _), faces in zip(due, check.detector.detect(frames), strict=True)
+            }
+        except Exception as error:  # an unchecked frame is a frame in doubt: fail closed
+            found = {i: _stage_error("leak_check", error) for i, _ in due}
+        each = (time.perf_counter() - start) * 1000 / len(due)
+        for i, _ in due:
+            stages[i]["leak_check"] = each
+        return found
+
+    def _blur_leaks(
+        self,
+        prepared: Prepared,
+        leaks: dict[int, tuple[Detection, ...] | FrameError],
+        encoded: dict[int, _Encoded | FrameError],
+        corrector: AdaptiveCorrector | None,
+        stages: dict[int, dict[str, float]],
+    ) -> Prepared:
+        """Frames with possible leaks anonymized again with the found faces added, then corrected and encoded
+        again (so the decisions are checked on the bytes published); `prepared` itself is left as it was."""
+        assert self.leak_check is not None
+        redo = [i for i, found in sorted(leaks.items()) if isinstance(found, tuple) and found]
+        if not redo:
+            return prepared
+        start = time.perf_counter()
+        again = replace(
+            prepared, found=list(prepared.found), anonymized=list(prepared.anonymized), masks=list(prepared.masks)
+        )
+        for i in redo:
+            found, faces = again.found[i], leaks[i]
+            assert isinstance(found, FoundRegions) and isinstance(faces, tuple)
+            height, width = again.originals[i].shape[:2]
+            more = found.adding(self.leak_check.blur_boxes(faces, width, height), self.shape)
+            again.found[i] = more
+            try:
+                again.anonymized[i], again.masks[i] = self._anonymize(again.originals[i], more)
+            except Exception as error:
+                again.found[i], again.anonymized[i] = _stage_error("anonymize", error), None
+        ready = [i for i in redo if again.anonymized[i] is not None]
+        first = {i: dict(stages[i]) for i in redo}
+        encoded.update(
+            self._correct(again, ready, corrector, stages) if corrector else self._encode(again, ready, stages)
+        )
+        elapsed = (time.perf_counter() - start) * 1000 / len(redo)
+        for i in redo:
+            stages[i].clear()
+            stages[i].update(first[i], leak_blur=elapsed)
+        return again
+
     def _detect_again(self, frames: list[Frame], found: list[FoundRegions | FrameError]) -> list[list[Detection]]:
         """Only the kinds anonymized in a frame are looked for again: only those can be residual."""
         assert self.leak_detector is not None
@@ -234,19 +328,33 @@ class Pipeline:
         encoded: _Encoded | FrameError | None,
         residual: tuple[Detection, ...] | FrameError,
         timings: dict[str, float],
+        leaks: tuple[Detection, ...] | FrameError | None = None,
     ) -> FrameOutcome:
         found = prepared.found[i]
         detections = found.detections if isinstance(found, FoundRegions) else ()
         error: FrameError | None = found if isinstance(found, FrameError) else None
-        if error is None and isinstance(encoded, FrameError):
-            error = encoded
-        if error is None and isinstance(residual, FrameError):
-            error = residual
+        for stage_result in (encoded, residual, leaks):
+            if error is None and isinstance(stage_result, FrameError):
+                error = stage_result
         hits = residual if isinstance(residual, tuple) else ()
         if error is None and hits and self.policy.residual == "fail":
             error = StageError("residual_detection", f"{len(hits)} anonymized object(s) found again")
+        possible = leaks if isinstance(leaks, tuple) else ()
+        if error is None and possible and self.leak_check is not None and self.leak_check.on_leak == "fail":
+            error = StageError("leak_detected", f"the leak check found {len(possible)} face(s) in the published frame")
+        remembered = found.remembered if isinstance(found, FoundRegions) else ()
+        checked = isinstance(leaks, tuple)
         if error is None and isinstance(encoded, _Encoded):
-            return Published(detections, hits, timings, encoded.data, encoded.correction)  # type: ignore[arg-type]
+            return Published(
+                detections,
+                hits,
+                timings,  # type: ignore[arg-type]
+                encoded.data,
+                encoded.correction,
+                remembered=remembered,
+                leaks=possible,
+                leak_checked=checked,
+            )
         error = error or StageError("internal", "the frame reached no stage result")
         if self.policy.on_failure == "mask_frame":
             try:
@@ -254,8 +362,10 @@ class Pipeline:
             except Exception as mask_error:  # cannot even mask: drop
                 error = _stage_error("mask", mask_error)
             else:
-                return Masked(detections, hits, timings, grey, error)  # type: ignore[arg-type]
-        return Dropped(detections, hits, timings, error)  # type: ignore[arg-type]
+                return Masked(
+                    detections, hits, timings, grey, error, remembered=remembered, leaks=possible, leak_checked=checked
+                )  # type: ignore[arg-type]
+        return Dropped(detections, hits, timings, error, remembered=remembered, leaks=possible, leak_checked=checked)  # type: ignore[arg-type]
 
 
 def _decode(data: bytes) -> Frame:

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from veilstream.correction.corrector import AdaptiveCorrector
 from veilstream.decoding.images import Frame
+from veilstream.detectors.memory import FrameKey
 from veilstream.errors import FrameError, StageError
 from veilstream.outcome import Dropped, FrameOutcome
 from veilstream.pipeline import Pipeline
@@ -48,6 +49,12 @@ class Origin:
     capture_time: datetime | None = None
     ground_truth: str | None = None
     kafka: KafkaLineage | None = None
+
+
+def frame_key(origin: Origin) -> FrameKey:
+    """What the pipeline's memory needs of an origin: the camera, the frame's place in it, where it comes from."""
+    partition = None if origin.kafka is None else (origin.kafka.topic, origin.kafka.partition)
+    return FrameKey(origin.camera_id, origin.sequence, origin.capture_time, partition)
 
 
 @dataclass(frozen=True)
@@ -126,7 +133,8 @@ class Runner:
         names: list[str | None] = list(self.variants) if self.variants else [None]
         settings: list[tuple[str | None, list[FrameOutcome]]] = []
         try:
-            prepared = self.pipeline.prepare([item.frame for item in decoded])  # type: ignore[misc]
+            frames = [item.frame for item in decoded]
+            prepared = self.pipeline.prepare(frames, [frame_key(item.origin) for item in decoded])  # type: ignore[arg-type]
             if self.variants is None:
                 settings.append((None, self.pipeline.finish(prepared)))
             else:

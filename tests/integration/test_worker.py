@@ -192,6 +192,15 @@ def _frame_records(bootstrap: str, topic: str, count: int, timeout: float = 120.
             return frames
 
 
+def _all_published(bootstrap: str, topic: str, inputs: int, timeout: float) -> list[Any]:
+    """The output topic once it holds an output for each of the `inputs` (duplicates come before the last)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        outputs = consume_all(bootstrap, topic, 10_000, timeout=3)
+        if len(_sources(outputs)) >= inputs or time.monotonic() > deadline:
+            return outputs
+
+
 def _committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     try:
@@ -216,7 +225,7 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(
     published_before = len(consume_all(kafka_bootstrap, topics.output, len(jpegs), timeout=3))
     assert 0 < published_before < len(jpegs), "the kill should land mid-stream"
     with running_worker(config, port, tmp_path / "worker2.log"):
-        outputs = consume_all(kafka_bootstrap, topics.output, len(jpegs) + 8, timeout=90)
+        outputs = _all_published(kafka_bootstrap, topics.output, len(jpegs), timeout=90)
     sources = _sources(outputs)
     assert len(sources) == len(jpegs), f"every input frame must be published; got {len(sources)} of {len(jpegs)}"
     assert len(outputs) - len(sources) <= 4, "duplicates are bounded by one batch (batch_size 4)"
@@ -275,10 +284,15 @@ def _resized(jpeg: bytes, width: int) -> bytes:
     return encode_frame(np.ascontiguousarray(small), "jpeg", 90)
 
 
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
 def test_outputs_the_broker_refuses_for_good_are_dead_lettered_and_the_partition_goes_on(
-    kafka_bootstrap: str, topic_factory: TopicFactory, jpegs: list[bytes], tmp_path: Path
+    guarantee: str, kafka_bootstrap: str, topic_factory: TopicFactory, jpegs: list[bytes], tmp_path: Path
 ) -> None:
-    """Defect 4: an output larger than the output topic's max.message.bytes used to be retried forever."""
+    """Defect 4: an output larger than the output topic's max.message.bytes used to be retried forever.
+
+    Exactly-once: the refusal aborts the batch's transaction, and kafka-python's transactional producer fails the
+    rest of it with the same error and then the next transaction too (OutOfOrderSequenceNumber): the sink must
+    find the refused output, start a fresh producer, and commit the batch without it."""
     topics = Topics(
         input=topic_factory("in", config=TOPIC_CONFIG),
         output=topic_factory("out", config={"max.message.bytes": str(OUTPUT_LIMIT)}),
@@ -294,7 +308,7 @@ def test_outputs_the_broker_refuses_for_good_are_dead_lettered_and_the_partition
         key, value, headers = frame_message("cam", sequence, data)
         messages.append((key, value, [*headers, ("test-case", case.encode())]))
     produce(kafka_bootstrap, topics.input, messages)
-    config, port = write_config(tmp_path, kafka_bootstrap, topics)
+    config, port = write_config(tmp_path, kafka_bootstrap, topics, processing_guarantee=guarantee)
     with running_worker(config, port, tmp_path / "worker.log") as worker:
         dead = consume_all(kafka_bootstrap, topics.dlq, 2)
         outputs = consume_all(kafka_bootstrap, topics.output, 2)
@@ -319,3 +333,113 @@ def test_outputs_the_broker_refuses_for_good_are_dead_lettered_and_the_partition
     assert 'veilstream_dead_letters_total{reason="output_refused"} 2.0' in exposition
     assert "veilstream_batch_retries_total 0.0" in exposition, "a refusal for good is not retried"
     assert _committed(kafka_bootstrap, f"veilstream-{topics.input}", topics.input, 1) == {0: 4}
+    if guarantee == "exactly-once":
+        # Read committed, every input is there once; the aborted attempts are in the log, and hidden.
+        assert len(outputs) == 2 and len(dead) == 2 and len(records) == len(cases)
+        everything = _read_uncommitted(kafka_bootstrap, topics.output)
+        assert len(everything) > len(outputs), "the aborted transactions' outputs are in the log"
+
+
+def _read_uncommitted(bootstrap: str, topic: str) -> list[Any]:
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False, consumer_timeout_ms=3000
+    )
+    consumer.assign([TopicPartition(topic, 0)])
+    try:
+        return list(consumer)  # read_uncommitted: aborted records too (transaction markers are not records)
+    finally:
+        consumer.close()
+
+
+def _wait_status(worker: WorkerProcess, path: str, status: int, timeout: float) -> float:
+    """Seconds until GET `path` answers `status` (fails after `timeout`)."""
+    start = time.monotonic()
+    while True:
+        try:
+            if worker.get(path)[0] == status:
+                return time.monotonic() - start
+        except OSError:
+            pass
+        assert time.monotonic() - start < timeout, f"{path} not {status} after {timeout}s:\n{worker.tail()}"
+        time.sleep(0.1)
+
+
+def _lines(log: Path) -> int:
+    return log.read_bytes().count(b"\n")
+
+
+OUTAGE_S = 15.0
+READINESS_FOLLOWS_S = 5.0
+
+
+def test_readiness_follows_a_broker_outage_and_sigterm_during_one_exits_0_in_the_grace(
+    kafka_broker: ApacheKafkaBroker, topics: Topics, jpegs: list[bytes], tmp_path: Path
+) -> None:
+    """The issue's operator scenarios on one broker: /readyz (and the gauge) turn within 5 s of the outage
+    starting and ending, kafka-python's reconnect loop does not flood the log, and SIGTERM in an outage exits 0
+    within the grace, saying what will be reprocessed; a restarted worker then publishes every frame."""
+    bootstrap = kafka_broker.bootstrap
+    produce(bootstrap, topics.input, [frame_message(f"cam-{i % 2}", i // 2, d) for i, d in enumerate(jpegs)])
+    shutdown_s = 20.0
+    config, port = write_config(tmp_path, bootstrap, topics, shutdown_timeout_s=shutdown_s, delivery_timeout_ms=60_000)
+    log = tmp_path / "worker.log"
+    worker = WorkerProcess(config, port, log)
+    try:
+        worker.wait_ready()
+        wait_for_outputs(worker, bootstrap, topics.output, 4)
+
+        lines_before = _lines(log)
+        kafka_broker.kill()
+        went = _wait_status(worker, "/readyz", 503, 30)
+        assert "veilstream_ready 0.0" in worker.get("/metrics")[1], "the gauge agrees with /readyz"
+        deadline = time.monotonic() + OUTAGE_S - went
+        while time.monotonic() < deadline:
+            assert worker.get("/healthz")[0] == 200, "an outage is no reason to restart the worker"
+            assert worker.get("/readyz")[0] == 503
+            time.sleep(0.5)
+        outage_lines = _lines(log) - lines_before
+
+        kafka_broker.start()
+        came = _wait_status(worker, "/readyz", 200, 60)
+        assert "veilstream_ready 1.0" in worker.get("/metrics")[1]
+        print(
+            f"readiness: not ready {went:.1f} s after the kill, ready {came:.1f} s after the broker was back; "
+            f"{outage_lines} log lines in the {OUTAGE_S:.0f} s outage"
+        )
+        transitions = [line for line in log.read_text().splitlines() if "worker_ready" in line or "not_ready" in line]
+        assert went < READINESS_FOLLOWS_S and came < READINESS_FOLLOWS_S, (went, came, transitions)
+        assert outage_lines < 40, worker.tail(60)
+
+        # A second outage with batches in flight: they cannot be acknowledged, and SIGTERM comes.
+        published = len(consume_all(bootstrap, topics.output, 10_000, timeout=3))
+        more = [frame_message(f"cam-{i % 2}", 100 + i // 2, d) for i, d in enumerate(jpegs[:8])]
+        produce(bootstrap, topics.input, more)
+        wait_for_outputs(worker, bootstrap, topics.output, published + 1)
+        kafka_broker.kill()
+        _wait_status(worker, "/readyz", 503, 30)
+        time.sleep(3)
+        signalled = time.monotonic()
+        worker.signal(signal.SIGTERM)
+        code = worker.wait(shutdown_s + 10)
+        took = time.monotonic() - signalled
+    finally:
+        worker.kill()
+        if not kafka_broker.is_running:
+            kafka_broker.start()
+    text = log.read_text()
+    print(f"SIGTERM during the outage: exit {code} after {took:.1f} s")
+    assert code == 0, worker.tail(40)
+    assert took < shutdown_s, "within the grace, without the watchdog"
+    assert "shutdown_timeout_exceeded" not in text
+    (stopped,) = [json.loads(line) for line in text.splitlines() if '"worker_stopped"' in line]
+    assert stopped["exit_code"] == 0
+    reprocess = stopped["reprocessed_on_restart"]
+    assert reprocess, "a batch was in flight: the line says which offsets a restart reads again"
+    committed = _committed(bootstrap, f"veilstream-{topics.input}", topics.input, 2)
+    for name, offsets in reprocess.items():
+        partition = int(name.rpartition(":")[2])
+        assert int(offsets.split("-")[0]) == committed[partition], (reprocess, committed)
+
+    with running_worker(config, port, tmp_path / "worker2.log"):
+        outputs = _all_published(bootstrap, topics.output, len(jpegs) + len(more), timeout=120)
+    assert len(_sources(outputs)) == len(jpegs) + len(more), "nothing lost"

@@ -77,6 +77,7 @@ def consume_all(bootstrap: str, topic: str, expected: int, timeout: float = 120.
         bootstrap_servers=bootstrap,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
+        isolation_level="read_committed",  # as every consumer of the worker's outputs should (exactly-once)
         fetch_max_bytes=2 * MAX_BYTES,
         max_partition_fetch_bytes=MAX_BYTES,
         consumer_timeout_ms=1000,

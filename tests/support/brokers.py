@@ -155,6 +155,8 @@ __all__ = [
     "BrokerError",
     "BrokerSetupError",
     "BrokerStartError",
+    "ClusterNode",
+    "KafkaCluster",
     "TansuBroker",
     "TopicFactory",
     "cache_dir",
@@ -451,6 +453,7 @@ class Broker:
             self.workdir.mkdir(parents=True, exist_ok=True)
             self._owns_workdir = False
         self._proc: subprocess.Popen[bytes] | None = None
+        self._started_at = 0.0
         self._lock = threading.RLock()
         self.starts = 0
         self.last_start_seconds: float | None = None
@@ -508,12 +511,22 @@ class Broker:
         self.port = free_port()
 
     def _start_once(self) -> Self:
+        self.launch()
+        return self.wait_ready()
+
+    def launch(self) -> None:
+        """Prepare and start the process without waiting for it to answer (see :meth:`wait_ready`): the nodes
+        of a cluster must all run before any of them answers."""
         self._prepare()
-        cmd = self._command()
-        started = time.monotonic()
-        self._proc = launch(cmd, self.log_path, die_with_parent=self.die_with_parent)
+        self._started_at = time.monotonic()
+        self._proc = launch(self._command(), self.log_path, die_with_parent=self.die_with_parent)
         _LIVE.add(self)
+
+    def wait_ready(self) -> Self:
+        """Wait until a client can use the launched broker; stop it and raise BrokerStartError if it cannot."""
         proc = self._proc
+        assert proc is not None, "launch() first"
+        started = self._started_at
         try:
             wait_for_broker(self.bootstrap, self.startup_timeout, alive=lambda: proc.poll() is None)
             if proc.poll() is not None:  # something else answered on our port
@@ -542,6 +555,15 @@ class Broker:
             if proc is None:
                 return
             terminate(proc, timeout=timeout)
+
+    def kill(self) -> None:
+        """``kill -9`` the broker: no clean shutdown. No-op when not running."""
+        with self._lock:
+            proc, self._proc = self._proc, None
+            _LIVE.discard(self)
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
 
     def restart(self, stop_timeout: float = 30.0) -> Self:
         """Stop and start again on the same port(s) and data dir."""
@@ -761,7 +783,7 @@ class ApacheKafkaBroker(Broker):
                     self.cluster_id = line.split("=", 1)[1].strip()
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.cluster_id = _random_cluster_id()
+        self.cluster_id = self.cluster_id or _random_cluster_id()  # a cluster's nodes share one
         cmd = [
             java,
             "-Xmx256m",
@@ -850,6 +872,170 @@ class TansuBroker(Broker):
 
     def _command(self) -> list[str]:
         return tansu_command(self.binary, self.port, self.cluster_id, self.extra_args)
+
+
+class ClusterNode(ApacheKafkaBroker):
+    """One node of a :class:`KafkaCluster`: broker and controller, voting with the others."""
+
+    def __init__(self, node_id: int, cluster: KafkaCluster, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.node_id = node_id
+        self.cluster = cluster
+
+    def server_properties(self) -> dict[str, str]:
+        props = super().server_properties()
+        replicas, min_insync = str(len(self.cluster.nodes)), str(self.cluster.min_insync)
+        props |= {
+            "node.id": str(self.node_id),
+            "controller.quorum.voters": self.cluster.voters,
+            "default.replication.factor": replicas,
+            "min.insync.replicas": min_insync,
+            "offsets.topic.replication.factor": replicas,
+            "offsets.topic.num.partitions": "3",
+            "transaction.state.log.replication.factor": replicas,
+            "transaction.state.log.min.isr": min_insync,
+            "transaction.state.log.num.partitions": "3",
+            "share.coordinator.state.topic.replication.factor": replicas,
+            "share.coordinator.state.topic.min.isr": min_insync,
+        }
+        props.update(self.extra_config)
+        return props
+
+
+class KafkaCluster:
+    """``size`` Apache Kafka nodes in KRaft mode on ``127.0.0.1`` (each a broker and a controller, as
+    :class:`ApacheKafkaBroker` runs one), with replication factor ``size`` and ``min.insync.replicas``
+    ``min_insync`` for every topic, the consumer offsets and the transaction log.
+
+    Each node is started exactly as the module docstring says for one node, with ``node.id`` = 1..size,
+    ``controller.quorum.voters=1@127.0.0.1:C1,2@127.0.0.1:C2,3@127.0.0.1:C3``, one shared cluster id for the
+    ``format``, and the replication settings above (the internal topics get 3 partitions). The nodes are
+    launched together, then waited for: a node answers only once a quorum of controllers runs. :meth:`kill`
+    is ``kill -9``; :meth:`start_nodes` brings killed nodes back (same ports and data). Measured on the 2-core
+    machine: start ~15-25 s, ~1.1 GB of memory for three nodes with ``heap="384m"``.
+    """
+
+    def __init__(
+        self,
+        size: int = 3,
+        *,
+        min_insync: int = 2,
+        heap: str = "384m",
+        version: str = KAFKA_VERSION,
+        config: Mapping[str, str | int] | None = None,
+        cache: str | os.PathLike[str] | None = None,
+        startup_timeout: float = 120.0,
+    ) -> None:
+        self.min_insync = min_insync
+        self.cluster_id = _random_cluster_id()
+        self.nodes: list[ClusterNode] = []
+        ports: set[int] = set()
+        for node_id in range(1, size + 1):
+            port, controller = _distinct_ports(ports), _distinct_ports(ports)
+            node = ClusterNode(
+                node_id,
+                self,
+                port=port,
+                controller_port=controller,
+                version=version,
+                heap=heap,
+                config=config,
+                cache=cache,
+                startup_timeout=startup_timeout,
+            )
+            node.cluster_id = self.cluster_id
+            self.nodes.append(node)
+
+    @property
+    def voters(self) -> str:
+        return ",".join(f"{n.node_id}@{n.host}:{n.controller_port}" for n in self.nodes)
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(node.bootstrap for node in self.nodes)
+
+    def node(self, node_id: int) -> ClusterNode:
+        return self.nodes[node_id - 1]
+
+    def running(self) -> list[int]:
+        return [node.node_id for node in self.nodes if node.is_running]
+
+    def start(self) -> Self:
+        """Start every node that does not run (together), and wait until each answers."""
+        return self.start_nodes(*[node.node_id for node in self.nodes if not node.is_running])
+
+    def start_nodes(self, *node_ids: int) -> Self:
+        nodes = [self.node(node_id) for node_id in node_ids]
+        for node in nodes:
+            node.launch()
+        for node in nodes:
+            node.wait_ready()
+        return self
+
+    def kill(self, *node_ids: int) -> None:
+        """``kill -9`` these nodes."""
+        for node_id in node_ids:
+            self.node(node_id).kill()
+
+    def close(self) -> None:
+        """Kill every node and remove their work dirs (a clean shutdown of the last nodes waits for a quorum)."""
+        for node in self.nodes:
+            node.kill()
+            node.close()
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _admin_call(self, call: Callable[[Any], Any]) -> Any:
+        alive = [node.bootstrap for node in self.nodes if node.is_running]
+        admin = admin_client(",".join(alive), timeout=15.0)
+        try:
+            return call(admin)
+        finally:
+            admin.close()
+
+    def create_topics(
+        self, names: str | Iterable[str], partitions: int = 1, config: Mapping[str, str | int] | None = None
+    ) -> list[str]:
+        """Create topics replicated on every node (``min.insync.replicas`` of the cluster) and wait for leaders."""
+        topics = [names] if isinstance(names, str) else list(names)
+        spec = {
+            "num_partitions": partitions,
+            "replication_factor": len(self.nodes),
+            "configs": {str(k): str(v) for k, v in (config or {}).items()},
+        }
+
+        def create(admin: Any) -> None:
+            admin.create_topics({name: spec for name in topics}, timeout_ms=30_000)
+            admin.wait_for_topics(topics, timeout_ms=30_000)
+
+        self._admin_call(create)
+        return topics
+
+    def leader(self, topic: str, partition: int = 0) -> int:
+        """The node id leading ``topic``'s ``partition`` now."""
+        (described,) = self._admin_call(lambda admin: admin.describe_topics([topic]))
+        (found,) = [p for p in described["partitions"] if p["partition_index"] == partition]
+        return int(found["leader_id"])
+
+    def coordinator(self, group: str) -> int:
+        """The node id coordinating consumer group ``group`` now."""
+        return int(self._admin_call(lambda admin: admin._manager.run(admin._find_coordinator_id, group)))
+
+
+def _distinct_ports(taken: set[int]) -> int:
+    port = free_port()
+    while port in taken:
+        port = free_port()
+    taken.add(port)
+    return port
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from veilstream.config import VeilstreamConfig, load_config
+from veilstream.config import VeilstreamConfig, load_config, resolve_device
 from veilstream.errors import VeilstreamError
 
 
@@ -43,6 +43,14 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--stop", type=_stops, help="float, published, or both: float,published")
     evaluate.add_argument("--video-step", type=int, default=10, help="use every Nth video frame")
     evaluate.add_argument("--paper-blur", action="store_true", help="the paper's 9x9 sigma 10 Gaussian blur")
+    evaluate.add_argument(
+        "--check-with",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="classifiers NOT corrected against, whose decisions on the published bytes are reported (a configured "
+        "classifier's name, taken out of the correction, or a built-in: efficientnet-lite0/1/2)",
+    )
     evaluate.add_argument("--no-progress", action="store_true")
     privacy = commands.add_parser("privacy", help="face and plate recall of the default pipeline on a labelled set")
     privacy.add_argument("labels", type=Path, help="labels file, e.g. datasets/privacy/labels.json")
@@ -256,9 +264,15 @@ def _anonymize(args: argparse.Namespace, config: VeilstreamConfig) -> int:
 
 
 def _eval(args: argparse.Namespace, config: VeilstreamConfig) -> int:
-    from veilstream.commands.evaluate import EvalSetting, format_table, run_eval
+    from veilstream.commands.eval_transfer import split_check_with
+    from veilstream.commands.evaluate import EvalSetting, format_models, format_table, run_eval
+    from veilstream.correction.loading import build_ensemble
     from veilstream.factory import build_pipeline
 
+    checkers = None
+    if args.check_with:
+        config, checked = split_check_with(config, args.check_with)
+        checkers = build_ensemble(tuple(checked), resolve_device(config.device))
     pipeline = build_pipeline(config, args.region, args.size, args.paper_blur, need_classifiers=True)
     assert pipeline.corrector is not None  # need_classifiers
     base = pipeline.corrector.settings
@@ -273,6 +287,7 @@ def _eval(args: argparse.Namespace, config: VeilstreamConfig) -> int:
         "size": args.size,
         "anonymizer": "gaussian 9x9 sigma 10" if args.paper_blur else config.anonymizer.model_dump(),
         "classifiers": [c.name for c in config.classifiers],
+        "checked_with": [m.name for m in checkers.members] if checkers else [],
         "max_iterations": base.max_iterations,
         "time_budget_ms": base.time_budget_ms,
         "max_change": base.max_change,
@@ -282,9 +297,11 @@ def _eval(args: argparse.Namespace, config: VeilstreamConfig) -> int:
         "device": str(pipeline.device),
     }
     summary = run_eval(
-        args.paths, pipeline, config, settings, args.report, args.video_step, parameters, not args.no_progress
+        args.paths, pipeline, config, settings, args.report, args.video_step, parameters, not args.no_progress, checkers
     )
     print(format_table(summary["sweep"]))
+    if "models" in summary:
+        print(format_models(summary["models"]))
     for error in summary["errors"]:
         print(f"error: {error['input']}: {error['reason']}: {error['detail']}", file=sys.stderr)
     print(f"report: {args.report / 'summary.json'}")
@@ -312,11 +329,12 @@ def _privacy(args: argparse.Namespace, config: VeilstreamConfig) -> int:
         return 2
     leak_detector = None
     if args.leak_check == "mtcnn":
-        from veilstream.evaluation.leaks import MtcnnFaces
+        from veilstream.detectors.mtcnn import MtcnnFaces
+        from veilstream.errors import ModelLoadError
 
         try:
             leak_detector = MtcnnFaces()
-        except RuntimeError as error:
+        except ModelLoadError as error:
             print(f"veilstream privacy: {error}", file=sys.stderr)
             return 2
     pipeline = build_pipeline(config)

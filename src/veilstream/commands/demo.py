@@ -111,6 +111,7 @@ def _collect(bootstrap: str, frames: int, timeout: float) -> tuple[list[Any], li
         bootstrap_servers=bootstrap,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
+        isolation_level="read_committed",  # as every consumer of the worker's outputs should
         fetch_max_bytes=2 * MAX_BYTES,
         max_partition_fetch_bytes=MAX_BYTES,
     )

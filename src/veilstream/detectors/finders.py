@@ -18,10 +18,19 @@ from veilstream.detectors.base import Detection, Detector
 
 @dataclass(frozen=True)
 class FoundRegions:
-    """What to anonymize in one frame, and the detections behind it (none for simulated regions)."""
+    """What to anonymize in one frame, and the detections behind it (none for simulated regions). `remembered`
+    are the detections kept from the camera's earlier frames (also in `detections`)."""
 
     regions: tuple[Region, ...]
     detections: tuple[Detection, ...] = ()
+    remembered: tuple[Detection, ...] = ()
+
+    def adding(self, detections: Sequence[Detection], shape: RegionShape, remembered: bool = False) -> FoundRegions:
+        """These regions and `detections` as regions of `shape` too."""
+        extra = tuple(detections)
+        regions = tuple(Region(d.x1, d.y1, d.x2, d.y2, shape) for d in extra)
+        kept = self.remembered + extra if remembered else self.remembered
+        return FoundRegions(self.regions + regions, self.detections + extra, kept)
 
 
 class RegionFinder(Protocol):

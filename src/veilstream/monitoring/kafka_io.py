@@ -43,6 +43,8 @@ def open_consumer(
         # the monitor only reads: it must not create a mistyped topic on a broker that allows auto-creation
         allow_auto_create_topics=False,
         auto_offset_reset="earliest",
+        # an exactly-once worker's aborted attempts stay in the log: count only what was committed
+        isolation_level="read_committed",
         **client_config(bootstrap, client_options, connect_timeout_s),
     )
 

@@ -45,6 +45,7 @@ from typing import Any, TextIO
 
 from kafka.errors import KafkaError
 
+from veilstream.client_errors import describe_connect_failure, watch_client_problems
 from veilstream.monitoring import dashboard
 from veilstream.monitoring.dashboard import Display, render_text
 from veilstream.monitoring.kafka_io import (
@@ -210,6 +211,7 @@ def run_monitor(
     `window_s`: how far back from now to read (ignored with `from_beginning`); in live mode also the sliding
     window the dashboard shows. `dlq_topic=None`: no dead letters counted. See the module docstring for the rest.
     """
+    watch_client_problems()
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     thresholds = Thresholds() if thresholds is None else thresholds
@@ -253,7 +255,7 @@ def run_monitor(
             print(render_text(snapshot, thresholds), file=out)
         return EXIT_THRESHOLD if snapshot.violations(thresholds) else EXIT_OK
     except (KafkaError, OSError, TimeoutError, TopicMissing) as error:
-        print(f"veilstream monitor: cannot read from Kafka at {bootstrap}: {error}", file=err)
+        print(f"veilstream monitor: cannot read from Kafka at {bootstrap}: {describe_connect_failure(error)}", file=err)
         return EXIT_KAFKA
     finally:
         for client in (consumer, admin):

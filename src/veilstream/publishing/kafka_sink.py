@@ -1,20 +1,22 @@
-"""The Kafka sink: frames, frame records and dead letters, confirmed by the broker before `flush` returns.
+"""The Kafka sink: frames, frame records and dead letters (kafka_messages.py), confirmed before `flush` returns.
 
-Per frame outcome:
-- published: the anonymized bytes on the output topic, with `OutputFrameHeaders`;
-- masked (`pipeline.on_failure: mask_frame`): the grey frame on the output topic, flagged, `outcome=masked` and
-  the reason;
-- dropped: a dead letter with the original value and the original headers prefixed `original-`.
-Each frame's `FrameRecord` goes to the metrics topic once its frame or dead letter is acknowledged, so the record
-says what became of the frame.
+At-least-once: `flush` sends the frames and dead letters, waits for every acknowledgement, then sends the records
+(each frame's record once its frame or dead letter is acknowledged, so the record says what became of the
+frame) and waits again; the worker commits the input offsets afterwards.
 
-`flush` sends the frames and dead letters, waits for every acknowledgement, then sends the records and waits
-again. An output the broker refuses for good (a non-retriable error, e.g. larger than the topic's
-`max.message.bytes`) becomes a dead letter `output_refused` at once (without its value if the dead-letter topic
-refuses that too). An output that fails retriably fails the flush (`DeliveryFailed`: the worker rewinds and
-processes the batch again) until it has failed `delivery_attempts` flushes; then it becomes a dead letter
+Exactly-once (`transactional`): `flush` puts the frames, dead letters, records and the input offsets in one
+transaction and commits it. When a message fails, the transaction is aborted (and the client starts a fresh
+producer: kafka-python's stays out of step with the broker after a refusal); the refused message is found (the one
+failed message, or each suspect alone in a probe transaction that is aborted again: after one refusal kafka-python
+fails the rest of the transaction with the same error) and the transaction is retried without it.
+
+Either way an output the broker refuses for good (a non-retriable error, e.g. larger than the topic's
+`max.message.bytes`) becomes a dead letter `output_refused` (without its value if the dead-letter topic refuses
+that too). An output that fails retriably fails the flush (`DeliveryFailed`: the worker rewinds and processes
+the batch again) until it has failed `delivery_attempts` flushes; then it becomes a dead letter
 `delivery_failed`. A dead letter that cannot be delivered fails the flush however often: a frame is never lost,
-and never published raw.
+and never published raw. Every wait ends at the flush's deadline: `delivery_timeout_s` after it began, or
+sooner when the worker is stopping (`stop_deadline`).
 """
 
 from __future__ import annotations
@@ -22,43 +24,32 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Literal
 
 import structlog
-from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka.errors import KafkaError, KafkaTimeoutError, ProducerFencedError, TransactionAbortedError
 
-from veilstream.correction.classifier import Decision
 from veilstream.errors import FrameError, StageError
-from veilstream.outcome import Dropped, Masked, Published
+from veilstream.outcome import Dropped
+from veilstream.publishing.kafka_messages import (
+    KafkaTopics,
+    OutgoingMessage,
+    dead_letter_message,
+    dropped_record,
+    output_message,
+    record_message,
+)
 from veilstream.runner import KafkaLineage, Processed
-from veilstream.schemas import DeadLetterHeaders, FrameRecord, OutputFrameHeaders, encode_headers
-from veilstream.worker.client import Delivery, KafkaClient, TopicPartition
+from veilstream.schemas import FrameRecord
+from veilstream.worker.client import Delivery, KafkaClient, TopicPartition, is_fatal
 
 log = structlog.get_logger("veilstream.worker")
 
-Headers = list[tuple[str, bytes]]
-MessageKind = Literal["frame", "dead letter", "record"]
-DETAIL_LIMIT = 1000
+__all__ = ["DeliveryFailed", "FlushTimings", "KafkaSink", "KafkaTopics"]
+_SLICE_S = 0.25  # waits are cut into slices so that a stop request shortens them
 
 
 class DeliveryFailed(Exception):
-    """Some output of a batch was not acknowledged; the batch must be processed again."""
-
-
-@dataclass(frozen=True)
-class KafkaTopics:
-    output: str
-    metrics: str
-    dead_letters: str
-
-
-@dataclass(frozen=True)
-class _Message:
-    kind: MessageKind
-    topic: str
-    value: bytes
-    key: bytes | None
-    headers: Headers
+    """Some output of a batch was not acknowledged (or its transaction not committed): process it again."""
 
 
 @dataclass
@@ -68,12 +59,22 @@ class _Frame:
     processed: Processed
     lineage: KafkaLineage
     record: FrameRecord
-    message: _Message
+    message: OutgoingMessage
     error: FrameError | None  # why it is a dead letter (None while it is an output)
+    record_refused: bool = False  # exactly-once: its record was refused for good and is left out
 
     @property
     def position(self) -> tuple[str, int, int]:
         return (self.lineage.topic, self.lineage.partition, self.lineage.offset)
+
+
+@dataclass
+class _Outgoing:
+    """A message of a flush and whose it is: a frame's output or dead letter, a frame's record, or an extra."""
+
+    message: OutgoingMessage
+    frame: _Frame | None
+    is_record: bool = False
 
 
 @dataclass
@@ -84,22 +85,14 @@ class FlushTimings:
     wait_s: float = 0.0
 
 
-def is_fatal(error: BaseException) -> bool:
-    """Refused for good: a Kafka error whose retry cannot succeed (too large, invalid, not authorized)."""
-    return isinstance(error, KafkaError) and not error.retriable
-
-
 def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _labels(decisions: tuple[Decision, ...]) -> str:
-    return "|".join(d.label for d in decisions)
-
-
 class KafkaSink:
     """A Sink (see `veilstream.runner`) that publishes to Kafka; `delivered` holds the final records of the last
-    successful flush, for whoever counts delivered frames."""
+    successful flush, for whoever counts delivered frames; `waiting_since` (time.monotonic()) is set while a
+    flush waits for the broker, for readiness."""
 
     def __init__(
         self,
@@ -108,6 +101,8 @@ class KafkaSink:
         content_type: str,
         delivery_timeout_s: float,
         delivery_attempts: int,
+        transactional: bool = False,
+        stop_deadline: Callable[[], float | None] = lambda: None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if delivery_attempts < 1:
@@ -117,10 +112,14 @@ class KafkaSink:
         self.content_type = content_type
         self.delivery_timeout_s = delivery_timeout_s
         self.delivery_attempts = delivery_attempts
+        self.transactional = transactional
+        self.stop_deadline = stop_deadline
         self.clock = clock
         self.delivered: list[FrameRecord] = []
         self.timings = FlushTimings()
+        self.waiting_since: float | None = None
         self._pending: list[_Frame] = []
+        self._extras: list[OutgoingMessage] = []
         self._attempts: dict[tuple[str, int, int], int] = {}  # failed flushes per input frame, until delivered
 
     def add(self, item: Processed) -> None:
@@ -129,21 +128,32 @@ class KafkaSink:
             raise ValueError("the Kafka sink publishes consumed frames: the origin needs its Kafka lineage")
         outcome = item.outcome
         if isinstance(outcome, Dropped):
-            frame = _Frame(item, lineage, item.record, self._dead_letter(item, lineage, outcome.error), outcome.error)
+            message = dead_letter_message(item, lineage, outcome.error, self.topics.dead_letters)
+            frame = _Frame(item, lineage, item.record, message, outcome.error)
         else:
-            output = _Message("frame", self.topics.output, outcome.data, self._key(item), self._headers(item, outcome))
-            frame = _Frame(item, lineage, item.record, output, None)
+            message = output_message(item, outcome, self.topics.output, self.content_type)
+            frame = _Frame(item, lineage, item.record, message, None)
         self._pending.append(frame)
 
-    def flush(self) -> None:
-        """Deliver everything added since the last flush; raises DeliveryFailed when the batch must be retried."""
+    def add_extra(self, topic: str, value: bytes, key: bytes | None) -> None:
+        """A message of no frame (an aggregate record), sent with the next flush."""
+        self._extras.append(OutgoingMessage("aggregate", topic, value, key, []))
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Deliver everything added since the last flush, waiting up to `timeout_s` (default: the delivery
+        timeout); raises DeliveryFailed when the batch must be retried (TransactionInDoubt when a transaction's
+        commit was not confirmed)."""
         frames, self._pending = self._pending, []
         self.delivered = []
         self.timings = FlushTimings()
-        if not frames:
+        if not frames and not self._extras:
             return
-        self._deliver_outputs(frames)
-        self._deliver_records(frames)
+        deadline = time.monotonic() + (self.delivery_timeout_s if timeout_s is None else timeout_s)
+        if self.transactional:
+            self._flush_transaction(frames, deadline)
+        else:
+            self._deliver_outputs(frames, deadline)
+            self._deliver_records(frames, deadline)
         for frame in frames:
             if frame.error is not None:
                 log.warning(
@@ -160,20 +170,22 @@ class KafkaSink:
         gone = {(tp.topic, tp.partition) for tp in partitions}
         self._attempts = {k: v for k, v in self._attempts.items() if (k[0], k[1]) not in gone}
 
-    # -- delivery -----------------------------------------------------------------------------------
+    # -- at-least-once --------------------------------------------------------------------------------
 
-    def _deliver_outputs(self, frames: list[_Frame]) -> None:
+    def _deliver_outputs(self, frames: list[_Frame], deadline: float) -> None:
         todo = frames
         while todo:
             again: list[_Frame] = []
             failed: list[tuple[_Frame, BaseException]] = []
-            for frame, error in self._send(todo, lambda f: f.message):
+            outgoing = [_Outgoing(frame.message, frame) for frame in todo]
+            for item, error in self._send(outgoing, deadline):
+                assert item.frame is not None
                 if error is None:
-                    self._attempts.pop(frame.position, None)
-                elif self._replace(frame, error):
-                    again.append(frame)
+                    self._attempts.pop(item.frame.position, None)
+                elif self._replace(item.frame, error):
+                    again.append(item.frame)
                 else:
-                    failed.append((frame, error))
+                    failed.append((item.frame, error))
             if failed:  # the batch is retried: replacements not sent yet are made again then
                 frame, error = failed[0]
                 raise DeliveryFailed(
@@ -182,37 +194,140 @@ class KafkaSink:
                 )
             todo = again
 
-    def _deliver_records(self, frames: list[_Frame]) -> None:
+    def _deliver_records(self, frames: list[_Frame], deadline: float) -> None:
+        extras, self._extras = self._extras, []
+        outgoing = [self._record_of(frame) for frame in frames] + [_Outgoing(m, None) for m in extras]
         failed: list[BaseException] = []
-        for frame, error in self._send(frames, self._record_message):
+        for item, error in self._send(outgoing, deadline):
             if error is None:
                 continue
             if is_fatal(error):  # the frame itself is delivered; its record can never be
-                log.error("frame_record_refused", error=_describe(error), **_fields(frame.lineage))
+                log.error("record_refused", kind=item.message.kind, error=_describe(error), **_item_fields(item))
+            elif item.frame is None:
+                self._extras.append(item.message)  # an aggregate goes with the next flush
             else:
                 failed.append(error)
         if failed:
             raise DeliveryFailed(f"{len(failed)} of {len(frames)} frame records not acknowledged: {failed[0]}")
 
-    def _send(
-        self, frames: list[_Frame], message_of: Callable[[_Frame], _Message]
-    ) -> list[tuple[_Frame, BaseException | None]]:
-        start = self.clock()
-        sent: list[tuple[_Frame, Delivery]] = []
+    # -- exactly-once ---------------------------------------------------------------------------------
+
+    def _flush_transaction(self, frames: list[_Frame], deadline: float) -> None:
+        offsets: dict[TopicPartition, int] = {}
         for frame in frames:
-            message = message_of(frame)
-            sent.append((frame, self.client.send(message.topic, message.value, message.key, message.headers)))
+            tp = TopicPartition(frame.lineage.topic, frame.lineage.partition)
+            offsets[tp] = max(offsets.get(tp, 0), frame.lineage.offset + 1)
+        extras = [_Outgoing(message, None) for message in self._extras]
+        # Each failed round settles at least one message for good (or raises), so the rounds are bounded.
+        for _round in range(4 * len(frames) + len(extras) + 2):
+            if self._remaining(deadline) <= 0:
+                raise DeliveryFailed("transaction aborted: no time left to retry it (stopping, or timed out)")
+            outgoing = [_Outgoing(f.message, f) for f in frames]
+            outgoing += [self._record_of(f) for f in frames if not f.record_refused] + extras
+            self._begin(deadline)
+            failed = [(item, error) for item, error in self._send(outgoing, deadline) if error is not None]
+            if not failed:
+                self._commit(offsets, deadline)
+                self._extras = []
+                for frame in frames:
+                    self._attempts.pop(frame.position, None)
+                return
+            self.client.abort_transaction(self._remaining(deadline))
+            settled = False
+            for item, error in self._refused(failed, deadline):
+                settled |= self._settle(item, error, extras)
+            for item, error in failed:
+                own_retriable = not is_fatal(error) and not isinstance(error, TransactionAbortedError)
+                if item.frame is not None and not item.is_record and own_retriable:
+                    settled |= self._replace(item.frame, error)  # counts the attempt; dead-letters at the last
+            if not settled:
+                item, error = failed[0]
+                raise DeliveryFailed(
+                    f"transaction aborted: {len(failed)} of {len(outgoing)} messages failed, e.g. "
+                    f"{item.message.kind} to {item.message.topic}: {_describe(error)}"
+                )
+        raise DeliveryFailed("transaction aborted: the refused messages could not all be settled")
+
+    def _begin(self, deadline: float) -> None:
+        try:
+            self.client.begin_transaction(self._remaining(deadline))
+        except ProducerFencedError:
+            raise  # another worker runs with our id: not a delivery problem
+        except KafkaError as error:
+            raise DeliveryFailed(f"no transaction could begin: {_describe(error)}") from error
+
+    def _commit(self, offsets: dict[TopicPartition, int], deadline: float) -> None:
+        self.waiting_since = time.monotonic()
+        try:
+            self.client.commit_transaction(offsets, self._remaining(deadline))
+        except ProducerFencedError:
+            raise  # another worker runs with our id: this one must stop
+        except KafkaError as error:
+            self.client.abort_transaction(self._remaining(deadline))
+            raise DeliveryFailed(f"transaction not committed: {_describe(error)}") from error
+        finally:
+            self.waiting_since = None
+
+    def _refused(
+        self, failed: list[tuple[_Outgoing, BaseException]], deadline: float
+    ) -> list[tuple[_Outgoing, BaseException]]:
+        """The failed messages the broker refuses for good. One suspect is the one; several are each sent alone
+        in a probe transaction (aborted again), since an aborted transaction fails them all with one error."""
+        suspects = [(item, error) for item, error in failed if is_fatal(error)]
+        if len(suspects) <= 1:
+            return suspects
+        refused = []
+        for item, _error in suspects:
+            self._begin(deadline)
+            ((_item, error),) = self._send([item], deadline)
+            self.client.abort_transaction(self._remaining(deadline))
+            if error is not None and is_fatal(error):
+                refused.append((item, error))
+        return refused
+
+    def _settle(self, item: _Outgoing, error: BaseException, extras: list[_Outgoing]) -> bool:
+        """Take a message refused for good out of the transaction: a frame's output becomes a dead letter, a
+        record or an aggregate is left out; False when nothing can be done (a dead letter without value)."""
+        if item.frame is None:
+            log.error("record_refused", kind=item.message.kind, error=_describe(error))
+            extras.remove(item)
+            return True
+        if item.is_record:
+            log.error("record_refused", kind="record", error=_describe(error), **_fields(item.frame.lineage))
+            item.frame.record_refused = True
+            return True
+        return self._replace(item.frame, error)
+
+    # -- both -------------------------------------------------------------------------------------------
+
+    def _record_of(self, frame: _Frame) -> _Outgoing:
+        return _Outgoing(record_message(frame.processed, frame.record, self.topics.metrics), frame, is_record=True)
+
+    def _remaining(self, deadline: float) -> float:
+        stop = self.stop_deadline()
+        limit = deadline if stop is None else min(deadline, stop)
+        return max(0.0, limit - time.monotonic())
+
+    def _send(self, outgoing: list[_Outgoing], deadline: float) -> list[tuple[_Outgoing, BaseException | None]]:
+        start = self.clock()
+        sent: list[tuple[_Outgoing, Delivery]] = []
+        for item in outgoing:
+            message = item.message
+            sent.append((item, self.client.send(message.topic, message.value, message.key, message.headers)))
         waiting = self.clock()
-        self.client.flush(self.delivery_timeout_s)
+        self.waiting_since = began = time.monotonic()
+        try:
+            while not all(delivery.done() for _item, delivery in sent):
+                remaining = self._remaining(deadline)
+                if remaining <= 0:
+                    break
+                self.client.flush(min(remaining, _SLICE_S))
+        finally:
+            self.waiting_since = None
         self.timings.send_s += waiting - start
         self.timings.wait_s += self.clock() - waiting
-        return [(frame, self._failure(delivery)) for frame, delivery in sent]
-
-    def _failure(self, delivery: Delivery) -> BaseException | None:
-        if not delivery.done():
-            error: BaseException = KafkaTimeoutError(f"not acknowledged within {self.delivery_timeout_s:g} s")
-            return error
-        return delivery.error()
+        waited = time.monotonic() - began
+        return [(item, _failure(delivery, waited)) for item, delivery in sent]
 
     def _replace(self, frame: _Frame, error: BaseException) -> bool:
         """Turn a failed frame into a dead letter (refused for good, or out of attempts), or a dead letter refused
@@ -235,16 +350,8 @@ class KafkaSink:
                 )
             self._attempts.pop(frame.position, None)
             frame.error = problem
-            frame.message = self._dead_letter(frame.processed, frame.lineage, problem)
-            frame.record = frame.record.model_copy(
-                update={
-                    "outcome": "dropped",
-                    "reason": problem.reason,
-                    "detail": problem.detail[:DETAIL_LIMIT],
-                    "flagged": True,
-                    "published_bytes": None,
-                }
-            )
+            frame.message = dead_letter_message(frame.processed, frame.lineage, problem, self.topics.dead_letters)
+            frame.record = dropped_record(frame.record, problem)
             return True
         if fatal and frame.message.value:
             # The note comes first, so that cutting the detail to its limit cannot cut the note off.
@@ -253,63 +360,23 @@ class KafkaSink:
                 f"bytes: {_describe(error)}]"
             )
             frame.error = FrameError(frame.error.reason, f"{note} {frame.error.detail}")
-            frame.message = self._dead_letter(frame.processed, frame.lineage, frame.error, b"")
+            frame.message = dead_letter_message(
+                frame.processed, frame.lineage, frame.error, self.topics.dead_letters, b""
+            )
             return True
         return False
 
-    # -- messages -----------------------------------------------------------------------------------
 
-    def _key(self, item: Processed) -> bytes | None:
-        assert item.origin.kafka is not None
-        return item.origin.kafka.key or item.origin.camera_id.encode() or None
-
-    def _headers(self, item: Processed, outcome: Published | Masked) -> Headers:
-        origin = item.origin
-        assert origin.kafka is not None
-        correction = outcome.correction
-        return encode_headers(
-            OutputFrameHeaders(
-                content_type=self.content_type,
-                camera_id=origin.camera_id,
-                sequence=origin.sequence,
-                capture_time=origin.capture_time,
-                source_topic=origin.kafka.topic,
-                source_partition=origin.kafka.partition,
-                source_offset=origin.kafka.offset,
-                original_decision=_labels(correction.original) if correction else None,
-                final_decision=_labels(correction.final) if correction else None,
-                consistent=correction.consistent if correction else None,
-                iterations=correction.iterations if correction else 0,
-                faces=outcome.faces,
-                plates=outcome.plates,
-                flagged=outcome.flagged,
-                outcome=outcome.kind,
-                reason=outcome.error.reason if isinstance(outcome, Masked) else None,
-            )
-        )
-
-    def _dead_letter(
-        self, item: Processed, lineage: KafkaLineage, error: FrameError, value: bytes | None = None
-    ) -> _Message:
-        """The original bytes (or `value`) with the typed reason, the lineage and the original headers."""
-        headers = encode_headers(
-            DeadLetterHeaders(
-                reason=error.reason,
-                detail=error.detail[:DETAIL_LIMIT],
-                source_topic=lineage.topic,
-                source_partition=lineage.partition,
-                source_offset=lineage.offset,
-                camera_id=item.origin.camera_id or None,
-            )
-        )
-        headers += [(f"original-{name}", data) for name, data in lineage.headers]
-        body = (lineage.value or b"") if value is None else value
-        return _Message("dead letter", self.topics.dead_letters, body, lineage.key, headers)
-
-    def _record_message(self, frame: _Frame) -> _Message:
-        value = frame.record.model_dump_json().encode()
-        return _Message("record", self.topics.metrics, value, self._key(frame.processed), [])
+def _failure(delivery: Delivery, waited_s: float) -> BaseException | None:
+    if not delivery.done():
+        error: BaseException = KafkaTimeoutError(f"not acknowledged after {waited_s:.1f} s")
+        return error
+    return delivery.error()
 
 
 def _fields(lineage: KafkaLineage) -> dict[str, object]:
     return {"topic": lineage.topic, "partition": lineage.partition, "offset": lineage.offset}
+
+
+def _item_fields(item: _Outgoing) -> dict[str, object]:
+    return _fields(item.frame.lineage) if item.frame is not None else {}

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from veilstream.correction.classifier import Decision
+from veilstream.detectors.base import Detection
 from veilstream.outcome import FrameOutcome, Published
 from veilstream.schemas.records import DecisionRecord, DetectionRecord, FrameRecord
 
@@ -16,6 +17,10 @@ if TYPE_CHECKING:
 
 def _decisions(decisions: tuple[Decision, ...]) -> list[DecisionRecord]:
     return [DecisionRecord(**asdict(d)) for d in decisions]
+
+
+def _boxes(detections: tuple[Detection, ...]) -> list[DetectionRecord]:
+    return [DetectionRecord(kind=d.kind, x1=d.x1, y1=d.y1, x2=d.x2, y2=d.y2, score=d.score) for d in detections]
 
 
 def frame_record(
@@ -44,11 +49,13 @@ def frame_record(
         "flagged": outcome.flagged,
         "faces": outcome.faces,
         "plates": outcome.plates,
-        "detections": [
-            DetectionRecord(kind=d.kind, x1=d.x1, y1=d.y1, x2=d.x2, y2=d.y2, score=d.score) for d in outcome.detections
-        ],
+        "detections": _boxes(outcome.detections),
         "residual_faces": outcome.residual_faces,
         "residual_plates": outcome.residual_plates,
+        "remembered": len(outcome.remembered),
+        "leak_checked": outcome.leak_checked,
+        "leaks": len(outcome.leaks),
+        "leak_detections": _boxes(outcome.leaks),
         "latency_ms": (sum(stage_ms.values()) if stage_ms else None) if latency_ms is None else latency_ms,
         "stage_ms": stage_ms,
         "ground_truth": origin.ground_truth,

@@ -60,6 +60,10 @@ class FrameRecord(_Record):
     detections: list[DetectionRecord] = Field(default_factory=list)
     residual_faces: int = 0
     residual_plates: int = 0
+    remembered: int = Field(0, description="of the detections, boxes kept from the camera's earlier frames")
+    leak_checked: bool = Field(False, description="the independent leak check looked at this frame")
+    leaks: int = Field(0, description="faces the independent leak check found anywhere in the published frame")
+    leak_detections: list[DetectionRecord] = Field(default_factory=list, description="where it found them")
     corrected: bool = Field(False, description="the correction stage ran on this frame")
     original: list[DecisionRecord] = Field(default_factory=list)
     naive: list[DecisionRecord] = Field(default_factory=list)
@@ -95,6 +99,10 @@ class Figures(_Record):
     faces: int
     plates: int
     residual_detections: int
+    remembered: int = Field(0, description="boxes blurred from a camera's earlier frames (the detectors missed them)")
+    leak_checked: int = Field(0, description="frames the independent leak check looked at")
+    leaks: int = Field(0, description="faces it found in the published frames: possible leaks")
+    leak_frames: int = Field(0, description="frames with at least one possible leak")
     corrected: int = Field(description="frames the correction stage ran on")
     naive_changed: int
     final_changed: int

@@ -1,10 +1,11 @@
-"""HTTP endpoints: /healthz (the loop turns), /readyz (models loaded, broker reachable), /metrics (Prometheus)."""
+"""HTTP endpoints: /healthz (alive: the main loop turns), /readyz (ready: partitions can be fetched and outputs
+delivered now, see readiness.py; the body says why not), /metrics (Prometheus)."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -22,6 +23,7 @@ class HealthServer:
         metrics: WorkerMetrics,
         alive: Callable[[], bool],
         ready: Callable[[], bool],
+        reasons: Callable[[], Sequence[str]] = tuple,
     ) -> None:
         outer = self
 
@@ -35,7 +37,9 @@ class HealthServer:
                     self._send(200 if ok else 503, b"ok\n" if ok else b"stalled\n")
                 elif path == "/readyz":
                     ok = outer.ready()
-                    self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+                    why = "; ".join(outer.reasons()) if not ok else ""
+                    body = "ready\n" if ok else f"not ready: {why}\n" if why else "not ready\n"
+                    self._send(200 if ok else 503, body.encode())
                 else:
                     self._send(404, b"not found\n")
 
@@ -52,6 +56,7 @@ class HealthServer:
         self.metrics = metrics
         self.alive = alive
         self.ready = ready
+        self.reasons = reasons
         self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, name="veilstream-http", daemon=True)

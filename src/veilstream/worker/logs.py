@@ -1,17 +1,75 @@
-"""structlog set up for JSON lines on stderr (one event per line, lineage as fields)."""
+"""structlog set up for JSON lines on stderr (one event per line, lineage as fields), and kafka-python's own log
+lines limited: while a broker is down it repeats the same warning in a tight loop ("Marking the coordinator
+dead", up to tens of thousands of lines a minute). Each kafka-python message template passes once per
+`interval_s`; the repeats are counted, their number is added to the next line of that template that passes, and
+the worker's readiness log line reports (and resets) the counts when readiness changes.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
 
 import structlog
+
+from veilstream.client_errors import watch_client_problems
+
+CLIENT_LOGGER = "kafka"
+
+
+class RepeatLimiter(logging.Filter):
+    """Lets each (logger, message template) through once per `interval_s` and counts what it holds back."""
+
+    def __init__(self, interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._passed: dict[tuple[str, str], float] = {}
+        self._held: Counter[tuple[str, str]] = Counter()  # since the template last passed
+        self._counts: Counter[str] = Counter()  # since take_counts, by template
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(CLIENT_LOGGER):
+            return True
+        key = (record.name, str(record.msg))
+        now = self.clock()
+        with self._lock:
+            last = self._passed.get(key)
+            if last is not None and now - last < self.interval_s:
+                self._held[key] += 1
+                self._counts[str(record.msg)[:80]] += 1
+                return False
+            self._passed[key] = now
+            held = self._held.pop(key, 0)
+        if held:
+            # Appended to the formatted message, so a template's own %-placeholders stay intact.
+            record.msg = f"{record.getMessage()} [repeated {held} more times in the last {self.interval_s:.0f} s]"
+            record.args = None
+        return True
+
+    def take_counts(self) -> dict[str, int]:
+        """The lines held back since the last call, by message template."""
+        with self._lock:
+            counts, self._counts = dict(self._counts), Counter()
+        return counts
+
+
+client_log_limiter = RepeatLimiter()
 
 
 def configure_logging(level: str = "INFO") -> None:
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper(), logging.INFO), format="%(message)s")
-    # kafka-python is chatty at INFO about every reconnect; keep its warnings.
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+    # kafka-python is chatty at INFO about every reconnect; keep its warnings, limited.
+    logging.getLogger(CLIENT_LOGGER).setLevel(logging.WARNING)
+    watch_client_problems()
+    for handler in logging.getLogger().handlers:
+        if client_log_limiter not in handler.filters:
+            handler.addFilter(client_log_limiter)  # a handler filter sees the records of every kafka.* logger
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -63,7 +63,11 @@ class WorkerMetrics:
         self.consumer_lag = Gauge(
             "veilstream_consumer_lag", "Messages behind the end", ["topic", "partition"], registry=r
         )
-        self.ready = Gauge("veilstream_ready", "1 when models are loaded and the broker reachable", registry=r)
+        self.ready = Gauge(
+            "veilstream_ready",
+            "1 when ready (as /readyz): assigned partitions can be fetched and outputs delivered now",
+            registry=r,
+        )
         self.last_loop = Gauge("veilstream_last_loop_timestamp_seconds", "When the main loop last turned", registry=r)
 
     def count(self, records: Sequence[FrameRecord], decode_s: float, latency_s: float) -> None:

@@ -19,10 +19,12 @@ def run_worker(config: VeilstreamConfig, build: Callable[[VeilstreamConfig], Pip
     """Load the models, connect, process until signalled; returns the process exit code."""
     check_budgets(config)
     settings = config.worker
-    lifecycle = Lifecycle(settings.shutdown_timeout_s)
+    lifecycle = Lifecycle(settings.shutdown_timeout_s, delivery_share=settings.shutdown_delivery_share)
     worker = Worker(config, build(config), lifecycle=lifecycle)
     lifecycle.install_signal_handlers()
-    http = HealthServer(settings.http_host, settings.http_port, worker.metrics, worker.alive, worker.ready).start()
+    http = HealthServer(
+        settings.http_host, settings.http_port, worker.metrics, worker.alive, worker.ready, worker.not_ready_reasons
+    ).start()
     log.info("worker_started", worker=worker.worker_id, http_port=http.port, topics=list(settings.input_topics))
     try:
         return worker.run()

@@ -69,7 +69,33 @@ class WorkerConfig(_Strict):
     session_timeout_ms: int = Field(10_000, ge=1000)
     heartbeat_interval_ms: int = Field(3000, ge=100)
     delivery_timeout_ms: int = Field(60_000, ge=1000, description="a batch's outputs must be acknowledged by then")
-    shutdown_timeout_s: float = Field(20.0, gt=0, description="bound on finishing the batch in flight at SIGTERM")
+    processing_guarantee: Literal["at-least-once", "exactly-once"] = Field(
+        "at-least-once",
+        description="exactly-once: a transactional producer puts each batch's frames, records, dead letters and "
+        "input offsets in one transaction (consumers of the outputs read with isolation_level=read_committed)",
+    )
+    transaction_timeout_ms: int = Field(
+        90_000,
+        ge=1000,
+        description="exactly-once: the broker aborts a transaction left open this long (a worker killed mid-batch "
+        "and not restarted under the same worker_id holds read_committed consumers back until then)",
+    )
+    shutdown_timeout_s: float = Field(
+        20.0, gt=0, description="from SIGTERM to exit; past it the watchdog exits with 70 (a last resort)"
+    )
+    shutdown_delivery_share: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="the share of shutdown_timeout_s the batch in flight may wait for acknowledgements at SIGTERM; "
+        "the rest closes the clients and leaves the group",
+    )
+    readiness_stall_s: float = Field(
+        2.0,
+        gt=0,
+        description="/readyz fails when outputs wait this long for acknowledgement, a polling consumer has had no "
+        "fetch response this long, or the group coordinator has not answered for a heartbeat interval plus this",
+    )
     retry_backoff_s: float = Field(2.0, ge=0, description="wait before reprocessing a batch whose outputs failed")
     delivery_attempts: int = Field(
         5,
@@ -84,7 +110,11 @@ class WorkerConfig(_Strict):
     aggregate_interval_s: float = Field(10.0, gt=0)
     lag_interval_s: float = Field(5.0, gt=0)
     liveness_timeout_s: float = Field(120.0, gt=0, description="/healthz fails when the loop is stuck this long")
-    worker_id: str | None = Field(None, description="defaults to the host name")
+    worker_id: str | None = Field(
+        None,
+        description="defaults to the host name; exactly-once: it names the transactional id, so keep it stable "
+        "across restarts of one worker (a StatefulSet pod name) and unique among the group's workers",
+    )
 
     @model_validator(mode="after")
     def _timeouts(self) -> WorkerConfig:
@@ -92,4 +122,14 @@ class WorkerConfig(_Strict):
             raise ValueError("heartbeat_interval_ms must be at most a third of session_timeout_ms")
         if self.max_frame_bytes > self.max_message_bytes:
             raise ValueError("max_frame_bytes must not exceed max_message_bytes")
+        if self.processing_guarantee == "exactly-once" and self.transaction_timeout_ms < self.delivery_timeout_ms:
+            raise ValueError(
+                "transaction_timeout_ms must be at least delivery_timeout_ms: a batch's transaction "
+                "stays open while its outputs wait for acknowledgement"
+            )
+        if self.liveness_timeout_s < self.delivery_timeout_ms / 1000 + 30:
+            raise ValueError(
+                "liveness_timeout_s must exceed delivery_timeout_ms by 30 s: a batch may wait that long "
+                "for acknowledgements before the loop turns again"
+            )
         return self

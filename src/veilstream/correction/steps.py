@@ -1,0 +1,53 @@
+"""Where a correction step takes its gradient: at the float frame (the paper), at the published pixels, or
+through a differentiable JPEG of them.
+
+A region is a (1, H, W) boolean mask; frames are (3, H, W) float tensors of RGB values in [0, 255].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+GradientPoint = Literal["float", "published", "codec"]
+
+_JPEG_BLOCK = 16  # one MCU with 4:2:0 chroma subsampling: the codec's blocks never straddle it
+
+
+def mask_box(region: torch.Tensor, align: int = 1) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the mask's bounding box, widened to multiples of `align`."""
+    rows = torch.nonzero(region[0].any(dim=1)).flatten()
+    cols = torch.nonzero(region[0].any(dim=0)).flatten()
+    height, width = region.shape[1:]
+    top, left = int(rows[0]) // align * align, int(cols[0]) // align * align
+    bottom = min(height, math.ceil((int(rows[-1]) + 1) / align) * align)
+    right = min(width, math.ceil((int(cols[-1]) + 1) / align) * align)
+    return top, bottom, left, right
+
+
+def seen_by_classifier(
+    current: torch.Tensor, published: torch.Tensor, region: torch.Tensor, point: GradientPoint, quality: int
+) -> torch.Tensor:
+    """What the classifiers see for the gradient step, as a function of `current`.
+
+    float: the float frame itself (the paper). published: the decoded published pixels, with the gradient
+    passed straight through to `current`. codec: the published pixels as well, with the gradient inside the
+    region's JPEG blocks through kornia's differentiable JPEG (Reich et al., WACV 2024), so the step accounts
+    for what quantisation will remove; outside those blocks there is no gradient (nothing there may move).
+    """
+    if point == "float":
+        return current
+    if point == "published":
+        return current + (published - current).detach()
+    from kornia.enhance import jpeg_codec_differentiable
+
+    top, bottom, left, right = mask_box(region, _JPEG_BLOCK)
+    crop = current[:, top:bottom, left:right]
+    coded = jpeg_codec_differentiable(crop.unsqueeze(0) / 255, torch.tensor([float(quality)], device=crop.device))
+    coded = coded.squeeze(0) * 255
+    # Outside the region's blocks nothing may move, so no gradient path is needed there: the published pixels.
+    seen = published.detach().clone()
+    seen[:, top:bottom, left:right] = coded + (published[:, top:bottom, left:right] - coded).detach()
+    return seen
