@@ -244,4 +244,5 @@ class FakeKafka:
         if self._transaction is not None:
             self.abort_transaction(timeout_s)
         self.flush(timeout_s)
+        self.revoke(set(self.assigned))  # leaving the group, as kafka-python's close does
         self.closed = True

@@ -259,3 +259,45 @@ def test_anonymize_keeps_a_video_as_one_camera_in_frame_order(tmp_path: Path) ->
     Runner(pipeline, [sink], batch_size=3, worker="anonymize").run(file_items([path]))
     assert [p.record.sequence for p in sink.flushed] == [0, 1, 2, 3]
     assert [p.record.remembered for p in sink.flushed] == [0, 1, 1, 0]
+
+
+class AlwaysFace:
+    def detect(self, frames: Sequence[Frame]) -> list[list[Detection]]:
+        return [[face(40, 20)] for _ in frames]
+
+
+def test_the_worker_forgets_the_cameras_of_a_revoked_partition() -> None:
+    """Each camera's state lives with the worker that owns its partition: a revoke hands the camera on."""
+    from veilstream.worker.client import TopicPartition
+    from veilstream.worker.lifecycle import Lifecycle
+    from veilstream.worker.loop import Worker
+
+    from .fake_kafka import FakeKafka
+    from .test_worker_delivery import INPUT, config, feed
+
+    memory = DetectionMemory(frames=5, seconds=None)
+    pipeline = Pipeline(
+        DetectorRegionFinder(AlwaysFace()),
+        SolidMask(value=0),
+        Encoder("jpeg", 90),
+        policy=FailurePolicy("drop", "off"),
+        memory=memory,
+    )
+    kafka = FakeKafka(partitions=2)
+    feed(kafka, 0, 3)
+    feed(kafka, 1, 3)
+    lifecycle = Lifecycle(30.0, exit=lambda code: None)
+    worker = Worker(config(), pipeline, client=kafka, lifecycle=lifecycle)
+    seen: list[frozenset[str]] = []
+
+    def idle() -> None:  # every input handled: revoke one partition, then stop
+        seen.append(memory.cameras)
+        worker.on_revoked({TopicPartition(INPUT, 0)})
+        seen.append(memory.cameras)
+        lifecycle.request_stop()
+
+    kafka.on_idle = idle
+    kafka.poll_limit = 60
+    assert worker.run() == 0
+    assert seen[:2] == [{"cam-0", "cam-1"}, {"cam-1"}]
+    assert memory.cameras == frozenset(), "closing leaves the group: every partition is revoked"

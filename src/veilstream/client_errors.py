@@ -4,18 +4,22 @@ untrusted certificate) and raises only "Unable to bootstrap". The worker, replay
 from __future__ import annotations
 
 import logging
+import re
 import threading
+from collections import deque
 
 CLIENT_LOGGER = "kafka"
+# Causes worth naming over the generic lines around them ("socket disconnected", "Unable to bootstrap").
+_SPECIFIC = re.compile(r"authenticat|\bsasl|\bssl\b|certificate|credential|password|unauthori[sz]ed|denied", re.IGNORECASE)
 
 
 class LastClientProblem(logging.Handler):
-    """Remembers kafka-python's last warning or error (installed once on the `kafka` logger)."""
+    """Remembers kafka-python's recent warnings and errors (installed once on the `kafka` logger)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: int = 50) -> None:
         super().__init__(level=logging.WARNING)
         self._lock_last = threading.Lock()
-        self._last: str | None = None
+        self._recent: deque[str] = deque(maxlen=keep)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -23,12 +27,15 @@ class LastClientProblem(logging.Handler):
         except Exception:  # a malformed client record must not break logging
             text = str(record.msg)
         with self._lock_last:
-            self._last = text[:300]
+            self._recent.append(text[:300])
 
     @property
     def last(self) -> str | None:
+        """The most recent specific cause (authentication, TLS) among the recent lines, else the last line."""
         with self._lock_last:
-            return self._last
+            recent = list(self._recent)
+        specific = [text for text in recent if _SPECIFIC.search(text)]
+        return specific[-1] if specific else (recent[-1] if recent else None)
 
 
 last_client_problem = LastClientProblem()

@@ -340,6 +340,10 @@ class Worker:
                 self.sink.flush(timeout_s=_CLOSING_FLUSH_S)  # the aggregate: briefly, it is no frame
             except (DeliveryFailed, TransactionInDoubt, KafkaError) as error:
                 log.warning("final_aggregate_not_delivered", error=_describe(error))
+        # Before the close: leaving the group revokes the partitions, which forgets them.
+        reprocess = {
+            f"{tp.topic}:{tp.partition}": f"{first}-{end - 1}" for tp, (first, end) in self._uncommitted.items()
+        }
         if self.client is not None:
             deadline = self.lifecycle.close_deadline()
             timeout = 10.0 if deadline is None else max(0.5, deadline - time.monotonic())
@@ -347,9 +351,6 @@ class Worker:
                 self.client.close(timeout)
             except KafkaError as error:
                 log.warning("close_failed", error=_describe(error))
-        reprocess = {
-            f"{tp.topic}:{tp.partition}": f"{first}-{end - 1}" for tp, (first, end) in self._uncommitted.items()
-        }
         log.info(
             "worker_stopped",
             worker=self.worker_id,
@@ -371,6 +372,8 @@ class Worker:
             self._uncommitted.pop(tp, None)
         if self.sink is not None:
             self.sink.forget(partitions)
+        if self.pipeline.memory is not None:  # these cameras' frames now go to another worker
+            self.pipeline.memory.forget_partitions([(tp.topic, tp.partition) for tp in partitions])
 
     def on_assigned(self, partitions: Collection[TopicPartition]) -> None:
         log.info("partitions_assigned", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in partitions))
