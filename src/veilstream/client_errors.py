@@ -10,7 +10,9 @@ from collections import deque
 
 CLIENT_LOGGER = "kafka"
 # Causes worth naming over the generic lines around them ("socket disconnected", "Unable to bootstrap").
-_SPECIFIC = re.compile(r"authenticat|\bsasl|\bssl\b|certificate|credential|password|unauthori[sz]ed|denied", re.IGNORECASE)
+_SPECIFIC = re.compile(
+    r"authenticat|\bsasl|\bssl\b|certificate|credential|password|unauthori[sz]ed|denied", re.IGNORECASE
+)
 
 
 class LastClientProblem(logging.Handler):
