@@ -233,23 +233,16 @@ class Pipeline:
             for i, e in encoded.items()
             if isinstance(e, _Encoded) and isinstance(f := prepared.found[i], FoundRegions) and f.detections
         ]
-        if not checked:
-            return {}
-        start = time.perf_counter()
-        residual: dict[int, tuple[Detection, ...] | FrameError] = {}
-        try:
-            frames = [e.decoded if e.decoded is not None else _decode(e.data) for _, e in checked]
-            found_again = self._detect_again(frames, [prepared.found[i] for i, _ in checked])
-            for (i, _), again in zip(checked, found_again, strict=True):
-                found = prepared.found[i]
-                assert isinstance(found, FoundRegions)
-                residual[i] = tuple(residual_detections(found.detections, again))
-        except Exception as error:  # an unchecked frame is a frame in doubt: fail closed
-            residual = {i: _stage_error("residual_check", error) for i, _ in checked}
-        each = (time.perf_counter() - start) * 1000 / len(checked)
-        for i, _ in checked:
-            stages[i]["residual_check"] = each
-        return residual
+
+        def residual(indices: list[int], frames: list[Frame]) -> list[tuple[Detection, ...]]:
+            found = [prepared.found[i] for i in indices]
+            again = self._detect_again(frames, found)
+            return [
+                tuple(residual_detections(f.detections, a)) if isinstance(f, FoundRegions) else ()
+                for f, a in zip(found, again, strict=True)
+            ]
+
+        return _on_published(checked, residual, "residual_check", stages)
 
     def _independent_check(
         self, prepared: Prepared, encoded: dict[int, _Encoded | FrameError], stages: dict[int, dict[str, float]]
@@ -259,20 +252,11 @@ class Pipeline:
         if check is None:
             return {}
         due = [(i, e) for i, e in sorted(encoded.items()) if isinstance(e, _Encoded) and check.due(prepared.keys[i])]
-        if not due:
-            return {}
-        start = time.perf_counter()
-        try:
-            frames = [e.decoded if e.decoded is not None else _decode(e.data) for _, e in due]
-            found: dict[int, tuple[Detection, ...] | FrameError] = {
-                i: tuple(faces) for (i, _), faces in zip(due, check.detector.detect(frames), strict=True)
-            }
-        except Exception as error:  # an unchecked frame is a frame in doubt: fail closed
-            found = {i: _stage_error("leak_check", error) for i, _ in due}
-        each = (time.perf_counter() - start) * 1000 / len(due)
-        for i, _ in due:
-            stages[i]["leak_check"] = each
-        return found
+
+        def faces(_indices: list[int], frames: list[Frame]) -> list[tuple[Detection, ...]]:
+            return [tuple(found) for found in check.detector.detect(frames)]
+
+        return _on_published(due, faces, "leak_check", stages)
 
     def _blur_leaks(
         self,
@@ -366,6 +350,31 @@ class Pipeline:
                     detections, hits, timings, grey, error, remembered=remembered, leaks=possible, leak_checked=checked
                 )  # type: ignore[arg-type]
         return Dropped(detections, hits, timings, error, remembered=remembered, leaks=possible, leak_checked=checked)  # type: ignore[arg-type]
+
+
+def _on_published(
+    items: Sequence[tuple[int, _Encoded | FrameError]],
+    detect: Callable[[list[int], list[Frame]], list[tuple[Detection, ...]]],
+    stage: str,
+    stages: dict[int, dict[str, float]],
+) -> dict[int, tuple[Detection, ...] | FrameError]:
+    """Run a check on the pixels a consumer decodes from the published bytes, timing each frame's share. A frame
+    the check could not look at is a frame in doubt: it fails closed."""
+    published = [(i, e) for i, e in items if isinstance(e, _Encoded)]
+    if not published:
+        return {}
+    start = time.perf_counter()
+    indices = [i for i, _ in published]
+    results: dict[int, tuple[Detection, ...] | FrameError]
+    try:
+        frames = [e.decoded if e.decoded is not None else _decode(e.data) for _, e in published]
+        results = dict(zip(indices, detect(indices, frames), strict=True))
+    except Exception as error:
+        results = {i: _stage_error(stage, error) for i in indices}
+    each = (time.perf_counter() - start) * 1000 / len(indices)
+    for i in indices:
+        stages[i][stage] = each
+    return results
 
 
 def _decode(data: bytes) -> Frame:
