@@ -139,6 +139,10 @@ class KafkaSink:
         """A message of no frame (an aggregate record), sent with the next flush."""
         self._extras.append(OutgoingMessage("aggregate", topic, value, key, []))
 
+    @property
+    def has_extras(self) -> bool:
+        return bool(self._extras)
+
     def flush(self, timeout_s: float | None = None) -> None:
         """Deliver everything added since the last flush, waiting up to `timeout_s` (default: the delivery
         timeout); raises DeliveryFailed when the batch must be retried (TransactionInDoubt when a transaction's

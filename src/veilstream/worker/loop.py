@@ -97,6 +97,7 @@ class Worker:
         self.runner: Runner | None = None
         self._lag_partitions: set[tuple[str, int]] = set()
         self._connect_error: str | None = None
+        self._connect_cause: str | None = None
         self._polling_since: float | None = None
         self._delivery_error: str | None = None
         self._delivery_failed_at: float | None = None
@@ -148,10 +149,10 @@ class Worker:
                     self.config.kafka, self.settings, self.config.pipeline.batch_size, self.worker_id
                 )
             except (KafkaError, OSError) as error:
-                if self._connect_error is None:
-                    log.warning(
-                        "cannot_connect", error=_describe(error), cause=last_client_problem.last, retry_s=backoff
-                    )
+                cause = last_client_problem.last
+                if self._connect_error is None or cause != self._connect_cause:  # one line per change of cause
+                    log.warning("cannot_connect", error=_describe(error), cause=cause, retry_s=backoff)
+                self._connect_cause = cause
                 self._connect_error = _describe(error)
                 if self.lifecycle.wait(backoff):
                     return None
@@ -202,6 +203,8 @@ class Worker:
                     self._polling_since = None
                     if self.process_batch(messages):
                         batches += 1
+                elif self.sink is not None and self.sink.has_extras:
+                    self._flush_aggregate()
         except ProducerFencedError as error:
             log.error("producer_fenced", error=_describe(error), worker=self.worker_id, exit_code=EXIT_FENCED)
             code = EXIT_FENCED
@@ -391,6 +394,14 @@ class Worker:
         for tp, lag in self.client.lag(self.client.assignment()).items():
             self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(lag)
             self._lag_partitions.add((tp.topic, tp.partition))
+
+    def _flush_aggregate(self) -> None:
+        """An idle worker still publishes its aggregate on time (a busy one sends it with the next batch)."""
+        assert self.sink is not None
+        try:
+            self.sink.flush(timeout_s=_CLOSING_FLUSH_S)
+        except (DeliveryFailed, KafkaError) as error:  # an aggregate is no frame: nothing to rewind
+            log.warning("aggregate_not_delivered", error=_describe(error))
 
     def _queue_aggregate(self) -> None:
         """The aggregate of the delivered frames since the last one (sent with the next batch's outputs)."""
