@@ -4,8 +4,6 @@ worker stays alive, and every published frame is upright with its face masked (n
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,16 @@ from tests.support.brokers import TopicFactory
 from tests.support.input_cases import Case, Failed, Published, base_frame, cases, published_problem
 from veilstream.decoding.images import decode_frame
 
-from .worker_harness import MAX_BYTES, Topics, consume_all, headers_of, produce, running_worker, write_config
+from .worker_harness import (
+    MAX_BYTES,
+    Topics,
+    consume_all,
+    frame_records,
+    headers_of,
+    produce,
+    running_worker,
+    write_config,
+)
 
 TOPIC_CONFIG = {"max.message.bytes": str(MAX_BYTES)}
 Message = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
@@ -49,7 +56,7 @@ def test_every_table_input_gets_its_outcome_from_the_worker(
     published = sum(isinstance(case.kafka, Published) for case in table)
 
     with running_worker(config, port, tmp_path / "worker.log") as worker:
-        records = _frame_records(kafka_bootstrap, topics.metrics, len(table))
+        records = frame_records(kafka_bootstrap, topics.metrics, len(table), timeout=180.0)
         outputs = consume_all(kafka_bootstrap, topics.output, published)
         dead = consume_all(kafka_bootstrap, topics.dlq, len(table) - published)
         assert worker.process.poll() is None, f"the worker must stay alive:\n{worker.tail()}"
@@ -92,13 +99,3 @@ def _problems(case: Case, record: dict[str, Any], output: Any, dead: Any, base: 
     boxes = [(d["x1"], d["y1"], d["x2"], d["y2"]) for d in record["detections"] if d["kind"] == "face"]
     problem = published_problem(decode_frame(output.value), boxes, case.expected(base, None))
     return [problem] if problem else []
-
-
-def _frame_records(bootstrap: str, topic: str, count: int, timeout: float = 180.0) -> list[dict[str, Any]]:
-    """The type=frame records of the metrics topic, once there are `count` (aggregates come in between)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        records = [json.loads(r.value) for r in consume_all(bootstrap, topic, 10_000, timeout=3)]
-        frames = [r for r in records if r["type"] == "frame"]
-        if len(frames) >= count or time.monotonic() > deadline:
-            return frames

@@ -26,6 +26,7 @@ from .worker_harness import (
     WorkerProcess,
     consume_all,
     frame_message,
+    frame_records,
     headers_of,
     metrics_once,
     produce,
@@ -159,7 +160,7 @@ def test_bad_inputs_are_dead_lettered_and_the_worker_goes_on(
     with running_worker(config, port, tmp_path / "worker.log") as worker:
         dead = consume_all(kafka_bootstrap, single.dlq, len(bad))
         outputs = consume_all(kafka_bootstrap, single.output, 2)
-        records = _frame_records(kafka_bootstrap, single.metrics, len(labelled))
+        records = frame_records(kafka_bootstrap, single.metrics, len(labelled))
         assert worker.process.poll() is None, "the worker must keep running"
     reasons = {headers_of(r)["original-test-case"]: headers_of(r)["dlq-reason"] for r in dead}
     assert set(reasons) == set(bad), worker.tail()
@@ -180,16 +181,6 @@ def test_bad_inputs_are_dead_lettered_and_the_worker_goes_on(
         meta = headers_of(record)
         frame = by_offset[int(meta["source-offset"])]
         assert (frame["outcome"], frame["reason"]) == ("dropped", meta["dlq-reason"])
-
-
-def _frame_records(bootstrap: str, topic: str, count: int, timeout: float = 120.0) -> list[dict[str, Any]]:
-    """The type=frame records of the metrics topic, once there are `count` (aggregates come in between)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        records = [json.loads(r.value) for r in consume_all(bootstrap, topic, 10_000, timeout=3)]
-        frames = [r for r in records if r["type"] == "frame"]
-        if len(frames) >= count or time.monotonic() > deadline:
-            return frames
 
 
 def _all_published(bootstrap: str, topic: str, inputs: int, timeout: float) -> list[Any]:
@@ -312,7 +303,7 @@ def test_outputs_the_broker_refuses_for_good_are_dead_lettered_and_the_partition
     with running_worker(config, port, tmp_path / "worker.log") as worker:
         dead = consume_all(kafka_bootstrap, topics.dlq, 2)
         outputs = consume_all(kafka_bootstrap, topics.output, 2)
-        records = _frame_records(kafka_bootstrap, topics.metrics, len(cases))
+        records = frame_records(kafka_bootstrap, topics.metrics, len(cases))
         counted = f'veilstream_frames_in_total{{topic="{topics.input}"}} 4.0'
         exposition = metrics_once(worker, lambda text: counted in text)
         assert worker.process.poll() is None, worker.tail()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -222,3 +223,13 @@ def running_worker(
             with suppress(subprocess.TimeoutExpired):
                 worker.wait(30)
         worker.kill()
+
+
+def frame_records(bootstrap: str, topic: str, count: int, timeout: float = 120.0) -> list[dict[str, Any]]:
+    """The type=frame records of the metrics topic, once there are `count` (aggregates come in between)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = [json.loads(r.value) for r in consume_all(bootstrap, topic, 10_000, timeout=3)]
+        frames = [r for r in records if r["type"] == "frame"]
+        if len(frames) >= count or time.monotonic() > deadline:
+            return frames
