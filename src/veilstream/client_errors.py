@@ -15,13 +15,23 @@ _SPECIFIC = re.compile(
 )
 
 
+# kafka-python 3.0 often loses the broker's SaslAuthenticate error: the broker closes the TLS connection right
+# after it, and the client reports only "socket disconnected" (seen on most tries on a loaded machine).
+_SASL_CLOSED = (
+    "the broker closed the connection during SASL authentication ({line}): this is how a rejected "
+    "authentication usually shows; check sasl_username, the password and sasl_mechanism"
+)
+
+
 class LastClientProblem(logging.Handler):
-    """Remembers kafka-python's recent warnings and errors (installed once on the `kafka` logger)."""
+    """Remembers kafka-python's recent warnings and errors (installed once on the `kafka` logger). `sasl`: the
+    clients authenticate with SASL, so a connection closed by the broker is named as a likely failed login."""
 
     def __init__(self, keep: int = 50) -> None:
         super().__init__(level=logging.WARNING)
         self._lock_last = threading.Lock()
         self._recent: deque[str] = deque(maxlen=keep)
+        self.sasl = False
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -37,14 +47,22 @@ class LastClientProblem(logging.Handler):
         with self._lock_last:
             recent = list(self._recent)
         specific = [text for text in recent if _SPECIFIC.search(text)]
-        return specific[-1] if specific else (recent[-1] if recent else None)
+        if specific:
+            return specific[-1]
+        closed = [text for text in recent if "socket disconnected" in text]
+        if self.sasl and closed:
+            return _SASL_CLOSED.format(line=closed[-1])
+        return recent[-1] if recent else None
 
 
 last_client_problem = LastClientProblem()
 
 
-def watch_client_problems() -> LastClientProblem:
-    """Install the recorder on kafka-python's loggers (idempotent) and return it."""
+def watch_client_problems(security_protocol: str | None = None) -> LastClientProblem:
+    """Install the recorder on kafka-python's loggers (idempotent) and return it; `security_protocol` (the
+    clients' setting, when known) tells it whether they log in with SASL."""
+    if security_protocol is not None:
+        last_client_problem.sasl = security_protocol.startswith("SASL")
     logger = logging.getLogger(CLIENT_LOGGER)
     if last_client_problem not in logger.handlers:
         logger.addHandler(last_client_problem)

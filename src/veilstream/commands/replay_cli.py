@@ -53,7 +53,7 @@ def run_replay(args: argparse.Namespace, config: VeilstreamConfig) -> int:
     options = config.kafka.client_options()
     if args.bootstrap:
         options["bootstrap_servers"] = args.bootstrap.split(",")
-    watch_client_problems()
+    watch_client_problems(options.get("security_protocol"))
     try:
         producer = KafkaProducer(**options, acks="all", linger_ms=5, max_request_size=MAX_REQUEST_BYTES)
     except KafkaError as unreachable:

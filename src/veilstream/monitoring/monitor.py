@@ -211,7 +211,7 @@ def run_monitor(
     `window_s`: how far back from now to read (ignored with `from_beginning`); in live mode also the sliding
     window the dashboard shows. `dlq_topic=None`: no dead letters counted. See the module docstring for the rest.
     """
-    watch_client_problems()
+    watch_client_problems((client_options or {}).get("security_protocol"))
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     thresholds = Thresholds() if thresholds is None else thresholds

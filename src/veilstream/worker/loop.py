@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import structlog
 from kafka.errors import CommitFailedError, KafkaError, ProducerFencedError
 
-from veilstream.client_errors import last_client_problem
+from veilstream.client_errors import last_client_problem, watch_client_problems
 from veilstream.config import VeilstreamConfig
 from veilstream.decoding.images import DecodeLimits
 from veilstream.pipeline import Pipeline
@@ -142,6 +142,7 @@ class Worker:
         """Create the clients, again and again while the brokers cannot be reached (readiness says why, the
         loop stays alive: no crash loop); None when stopped first."""
         backoff = 1.0
+        watch_client_problems(self.config.kafka.security_protocol)
         while self.client is None:
             self.heartbeat.beat()
             try:
