@@ -57,6 +57,16 @@ class ClassifierConfig(_Strict):
     grouping: str | None = Field(
         None, description="'imagenet-vehicles', a grouping YAML file, or null for top-1 classes"
     )
+    # Per classifier, not in `correction`: it is a property of how each model runs (one model that does not
+    # export can opt out alone), and `classifier_defaults` sets it once for an ensemble.
+    decision_runtime: Literal["auto", "onnxruntime", "torch"] = Field(
+        "auto",
+        description="what computes the forward-only decisions (the reference decision and the checks on the "
+        "published bytes; gradient steps always run in torch). auto: onnxruntime on the CPU (the torch model "
+        "exported to ONNX once, cached under $VEILSTREAM_CACHE/classifiers by a hash of its weights); on cuda "
+        "onnxruntime with its CUDA provider when installed (onnxruntime-gpu), else torch; a source: onnx file "
+        "always on onnxruntime. onnxruntime: always (on cuda it needs the CUDA provider). torch: the torch model",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -97,7 +107,16 @@ class ClassifierConfig(_Strict):
 
 
 # Keys an ensemble may set once for every classifier (an entry's own keys win).
-CLASSIFIER_DEFAULT_KEYS = ("input_size", "channel_order", "scale", "mean", "std", "labels", "grouping")
+CLASSIFIER_DEFAULT_KEYS = (
+    "input_size",
+    "channel_order",
+    "scale",
+    "mean",
+    "std",
+    "labels",
+    "grouping",
+    "decision_runtime",
+)
 
 
 def _apply_classifier_defaults(data: dict[str, Any]) -> dict[str, Any]:
@@ -188,7 +207,20 @@ class PipelineConfig(_Strict):
         description="detect again on the published frame: off; flag the frame when an anonymized object is found "
         "again; or fail the frame (then on_failure applies)",
     )
+    residual_scope: Literal["around", "frame"] = Field(
+        "around",
+        description="around: CenterFace first screens windows around the anonymized boxes (at 0.35x its "
+        "threshold) and only frames where it finds something there get the whole-frame pass, whose result is "
+        "the check's; frame: every checked frame gets the whole-frame pass. Plates always get the whole frame",
+    )
     leak_check: LeakCheckConfig = LeakCheckConfig()
+    overlap: bool = Field(
+        True,
+        description="prepare batch n+1 (detect, remember, anonymize) on a background thread while batch n is "
+        "corrected, encoded and checked (onnxruntime and torch release the GIL: two cores work at once); one "
+        "batch ahead at most. Off, or where the finder and a check share one model object, batches run one "
+        "after the other",
+    )
 
 
 class VeilstreamConfig(_Strict):

@@ -17,15 +17,16 @@ from veilstream.publishing.encoding import Encoder
 RegionSource = Literal["detect", "salient"]
 
 
-def build_encoder(config: VeilstreamConfig) -> Encoder:
-    return Encoder(config.publish.codec, config.publish.quality)
+def build_encoder(config: VeilstreamConfig, device: str = "cpu") -> Encoder:
+    """The publish codec on `device` (JPEG through nvJPEG on CUDA where torchvision has it)."""
+    return Encoder(config.publish.codec, config.publish.quality, device)
 
 
 def build_corrector(
     config: VeilstreamConfig, ensemble: Ensemble, device: str, settings: CorrectionSettings | None = None
 ) -> AdaptiveCorrector:
     settings = settings or correction_settings(config.correction)
-    return AdaptiveCorrector(ensemble, settings, device, encoder=build_encoder(config))
+    return AdaptiveCorrector(ensemble, settings, device, encoder=build_encoder(config, device))
 
 
 def build_leak_check(config: VeilstreamConfig, device: str) -> LeakCheck | None:
@@ -63,7 +64,10 @@ def build_pipeline(
     else:
         detector = build_detector(config.detectors, device)
         finder = DetectorRegionFinder(detector, config.anonymizer.shape)
-        leak_detector = detector
+        if config.pipeline.residual_check != "off":
+            # Its own models: with pipeline.overlap the residual check runs while the next batch is detected,
+            # and ultralytics' predictors are not thread-safe.
+            leak_detector = build_detector(config.detectors, device) if config.pipeline.overlap else detector
         memory = build_memory(config.detectors.memory)
     if config.torch_threads is not None:
         import torch
@@ -71,11 +75,11 @@ def build_pipeline(
         # After the detectors: ultralytics sets torch's thread count as a side effect of loading YOLO.
         torch.set_num_threads(config.torch_threads)
     corrector = build_corrector(config, ensemble, device) if correcting and ensemble is not None else None
-    policy = FailurePolicy(config.pipeline.on_failure, config.pipeline.residual_check)
+    policy = FailurePolicy(config.pipeline.on_failure, config.pipeline.residual_check, config.pipeline.residual_scope)
     return Pipeline(
         finder,
         anonymizer,
-        build_encoder(config),
+        build_encoder(config, device),
         corrector,
         policy,
         leak_detector,

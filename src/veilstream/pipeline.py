@@ -34,15 +34,19 @@ from veilstream.publishing.encoding import Encoder
 T = TypeVar("T")
 OnFailure = Literal["drop", "mask_frame"]
 ResidualCheck = Literal["off", "flag", "fail"]
+ResidualScope = Literal["around", "frame"]
 
 
 @dataclass(frozen=True)
 class FailurePolicy:
     """One policy for every failure. `residual`: look again for anonymized objects on the published frame;
-    `flag` publishes and flags the frame, `fail` treats it as a failed frame (dropped or masked)."""
+    `flag` publishes and flags the frame, `fail` treats it as a failed frame (dropped or masked).
+    `residual_scope`: `around` looks again only in windows around the anonymized objects where the detector
+    allows it (CenterFace: same pixels, same scale), `frame` runs the detectors on the whole frame."""
 
     on_failure: OnFailure = "drop"
     residual: ResidualCheck = "flag"
+    residual_scope: ResidualScope = "around"
 
 
 @dataclass
@@ -108,6 +112,7 @@ class Pipeline:
         self.corrector = corrector
         self.policy = policy or FailurePolicy()
         self.leak_detector = leak_detector if self.policy.residual != "off" else None
+        self.residual_scope: ResidualScope = self.policy.residual_scope
         self.device = torch.device(device)
         self.memory = memory
         self.leak_check = leak_check
@@ -298,11 +303,13 @@ class Pipeline:
         return again
 
     def _detect_again(self, frames: list[Frame], found: list[FoundRegions | FrameError]) -> list[list[Detection]]:
-        """Only the kinds anonymized in a frame are looked for again: only those can be residual."""
+        """Only the kinds anonymized in a frame are looked for again, and (scope `around`) a fully convolutional
+        detector looks only in windows around the anonymized boxes: only there can a detection be residual."""
         assert self.leak_detector is not None
         if isinstance(self.leak_detector, CombinedDetector):
             kinds = [{d.kind for d in f.detections} if isinstance(f, FoundRegions) else set() for f in found]
-            return self.leak_detector.detect_kinds(frames, kinds)
+            around = [f.detections if isinstance(f, FoundRegions) else () for f in found]
+            return self.leak_detector.detect_kinds(frames, kinds, around if self.residual_scope == "around" else None)
         return self.leak_detector.detect(frames)
 
     def _outcome(

@@ -104,8 +104,10 @@ class Decision:
 class Classifier:
     """A frozen model plus its preprocessing, labels and optional grouping.
 
-    `model` is the torch graph the gradient goes through. `inference`, when given, computes the decisions
-    instead (e.g. onnxruntime running the operator's exported file): logits from a preprocessed batch.
+    `model` is the torch graph the gradient goes through (`logits`, `Ensemble.loss`). `inference`, when given,
+    computes the forward-only decisions instead (`predict`, `Ensemble.decide`): logits from a preprocessed batch,
+    e.g. onnxruntime running the model exported by onnx_decisions.py or the operator's own ONNX file.
+    `runtime` says what computes the decisions, for reports.
     """
 
     def __init__(
@@ -117,9 +119,11 @@ class Classifier:
         grouping: Grouping | None = None,
         device: torch.device | str = "cpu",
         inference: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        runtime: str | None = None,
     ) -> None:
         self.name = name
         self.inference = inference
+        self.decision_runtime = runtime or ("torch" if inference is None else "custom")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         for parameter in self.model.parameters():

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from veilstream.anonymizers.filters import Anonymizer, GaussianBlur, Pixelate, SolidMask
 from veilstream.config import BUILTIN_CLASSIFIERS, AnonymizerConfig, ClassifierConfig, CorrectionConfig
@@ -19,6 +23,7 @@ from veilstream.correction.models import (
     load_torchscript,
     native_input_size,
 )
+from veilstream.correction.onnx_decisions import onnx_decisions, resolve_runtime
 from veilstream.errors import ConfigError, ModelLoadError
 
 BUILTIN_GROUPINGS = {"imagenet-vehicles": "imagenet-vehicles.yaml"}
@@ -45,8 +50,18 @@ def _grouping(spec: str | None, labels: list[str]) -> Grouping | None:
     return Grouping.from_yaml(Path(spec), labels)
 
 
+def decision_runtime(config: ClassifierConfig, device: str) -> Literal["onnxruntime", "torch"]:
+    """Where `predict` runs. An operator's ONNX file keeps deciding exactly as exported under `auto`, on the
+    CPU when onnxruntime has no CUDA provider (as before decision_runtime existed)."""
+    if config.source == "onnx" and config.decision_runtime == "auto":
+        return "onnxruntime"
+    return resolve_runtime(config.decision_runtime, device)
+
+
 def build_classifier(config: ClassifierConfig, device: str) -> Classifier:
-    inference = None
+    inference: Callable[[torch.Tensor], torch.Tensor] | None = None
+    runtime = decision_runtime(config, device)
+    described = "torch"
     input_size = config.input_size
     if config.source in BUILTIN_CLASSIFIERS:
         model = load_builtin(config.source)
@@ -56,7 +71,9 @@ def build_classifier(config: ClassifierConfig, device: str) -> Classifier:
     elif config.source == "onnx":
         assert config.path is not None
         exported = load_onnx(config.path, device)
-        model, inference = exported.torch_module, exported.run
+        model = exported.torch_module
+        if runtime == "onnxruntime":
+            inference, described = exported.run, exported.runtime
         if input_size is None:
             input_size = exported.input_size
         elif exported.input_size not in (None, input_size):
@@ -76,33 +93,67 @@ def build_classifier(config: ClassifierConfig, device: str) -> Classifier:
         )
     labels = _labels(config.labels)
     preprocessing = Preprocessing(input_size, config.channel_order, config.scale, config.mean, config.std)
-    classifier = Classifier(
-        config.name, model, preprocessing, labels, _grouping(config.grouping, labels), device, inference
-    )
+    grouping = _grouping(config.grouping, labels)
+    model = model.to(device).eval()
+    if runtime == "onnxruntime" and inference is None:
+        # After the checks above, so a wrong input size or labels file is reported as such, not as an export error.
+        _check_outputs(model, input_size, labels, config)
+        exported_here = onnx_decisions(config.name, model, input_size, device)
+        inference, described = exported_here, exported_here.description
+    classifier = Classifier(config.name, model, preprocessing, labels, grouping, device, inference, described)
     _probe(classifier, config)
     return classifier
 
 
-def _probe(classifier: Classifier, config: ClassifierConfig) -> None:
-    """One grey frame through the model at its input size: it must run, give one score per label, and (for
-    ONNX) its torch conversion must agree with onnxruntime, or gradient steps would aim at another model."""
-    height, width = classifier.preprocessing.input_size
-    frame = torch.full((3, height, width), 127.0, device=classifier.device)
+def _check_outputs(model: nn.Module, input_size: tuple[int, int], labels: list[str], config: ClassifierConfig) -> None:
+    """The torch model runs at its input size and gives one score per label (before exporting it)."""
+    parameter = next(iter(model.parameters()), None)
+    frame = torch.zeros(1, 3, *input_size, device=parameter.device if parameter is not None else "cpu")
     where = f"{config.name} ({config.path or config.factory or config.source})"
     try:
-        logits = classifier.predict([frame])
         with torch.no_grad():
-            graph_logits = classifier.logits([frame])
+            logits = model(frame)
     except Exception as error:
-        raise ModelLoadError(f"{where} fails on a 1 x 3 x {height} x {width} input: {error}") from error
-    if logits.ndim != 2 or logits.shape[1] != len(classifier.labels):
+        raise ModelLoadError(f"{where} fails on a 1 x 3 x {input_size[0]} x {input_size[1]} input: {error}") from error
+    _check_shape(where, tuple(logits.shape), labels, config)
+
+
+def _check_shape(where: str, shape: tuple[int, ...], labels: Sequence[str], config: ClassifierConfig) -> None:
+    if len(shape) != 2 or shape[1] != len(labels):
         raise ModelLoadError(
-            f"{where}: output shape {tuple(logits.shape)}, expected (1, {len(classifier.labels)}) for the "
-            f"{len(classifier.labels)} labels of {config.labels!r}"
+            f"{where}: output shape {shape}, expected ({shape[0] if shape else 1}, {len(labels)}) for the "
+            f"{len(labels)} labels of {config.labels!r}"
         )
+
+
+def _probe_frames(height: int, width: int, device: torch.device) -> list[torch.Tensor]:
+    """A grey frame and a smooth seeded random one: the decision runtime and the torch graph must agree on both."""
+    generator = torch.Generator().manual_seed(0)
+    coarse = torch.rand((1, 3, max(1, height // 16), max(1, width // 16)), generator=generator) * 255
+    textured = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)[0]
+    return [torch.full((3, height, width), 127.0, device=device), textured.to(device)]
+
+
+def _probe(classifier: Classifier, config: ClassifierConfig) -> None:
+    """Two frames through the model at its input size: it must run, give one score per label, and its decision
+    runtime (onnxruntime, for an ONNX file or an export) must agree with the torch graph the gradient steps go
+    through, or the steps would aim at another model."""
+    height, width = classifier.preprocessing.input_size
+    frames = _probe_frames(height, width, classifier.device)
+    where = f"{config.name} ({config.path or config.factory or config.source})"
+    try:
+        logits = classifier.predict(frames)
+        with torch.no_grad():
+            graph_logits = classifier.logits(frames)
+    except Exception as error:
+        raise ModelLoadError(f"{where} fails on a 2 x 3 x {height} x {width} input: {error}") from error
+    _check_shape(where, tuple(logits.shape), classifier.labels, config)
     gap = float((logits - graph_logits).abs().max())
     if gap > 1e-3 * max(1.0, float(logits.abs().max())):
-        raise ModelLoadError(f"{where}: the torch graph used for the gradient differs from onnxruntime by {gap:.3g}")
+        raise ModelLoadError(
+            f"{where}: the torch graph used for the gradient differs from its decisions on "
+            f"{classifier.decision_runtime} by {gap:.3g}"
+        )
 
 
 def build_ensemble(configs: tuple[ClassifierConfig, ...], device: str) -> Ensemble:

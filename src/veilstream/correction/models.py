@@ -1,5 +1,6 @@
 """Model files to torch modules: the built-in EfficientNet-Lite weights, TorchScript, a module factory with a
-state dict, and ONNX (run on onnxruntime, converted to torch for the gradient).
+state dict, and ONNX (run on onnxruntime, converted to torch for the gradient). Torch models are exported to
+onnxruntime for their decisions by onnx_decisions.py.
 
 Every error names the file, the format that was expected and what the file turned out to be.
 """
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from veilstream.correction.onnx_decisions import providers, session_options
 from veilstream.errors import ModelLoadError
 
 # name -> (weights package, class in it that knows the weights file)
@@ -217,6 +219,7 @@ class OnnxModel:
     torch_module: nn.Module
     run: Callable[[torch.Tensor], torch.Tensor]
     input_size: tuple[int, int] | None
+    runtime: str
 
 
 def load_onnx(path: Path, device: torch.device | str = "cpu") -> OnnxModel:
@@ -241,23 +244,21 @@ def load_onnx(path: Path, device: torch.device | str = "cpu") -> OnnxModel:
         raise ModelLoadError(f"{path}: expected an input of shape N x 3 x H x W, found {dims}")
     input_size = (dims[2], dims[3]) if dims[2] and dims[3] else None
     torch_module = _onnx_to_torch(path, proto)
-    providers = ["CPUExecutionProvider"]
-    if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
     try:
-        session = ort.InferenceSession(str(path), providers=providers)
+        session = ort.InferenceSession(str(path), sess_options=session_options(), providers=providers(device))
     except Exception as error:
         raise ModelLoadError(f"{path}: onnxruntime cannot run this model: {error}") from error
     name = session.get_inputs()[0].name
     single_batch = dims[0] == 1
 
     def run(batch: torch.Tensor) -> torch.Tensor:
-        array = batch.detach().cpu().numpy().astype(np.float32)
+        array = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
         chunks = [array[i : i + 1] for i in range(len(array))] if single_batch else [array]
         outputs = [np.asarray(session.run(None, {name: chunk})[0]) for chunk in chunks]
         return torch.from_numpy(np.concatenate(outputs)).to(batch.device)
 
-    return OnnxModel(torch_module, run, input_size)
+    used = session.get_providers()[0].removesuffix("ExecutionProvider")
+    return OnnxModel(torch_module, run, input_size, f"onnxruntime ({used})")
 
 
 def _onnx_to_torch(path: Path, proto: Any) -> nn.Module:

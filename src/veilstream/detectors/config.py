@@ -9,9 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from veilstream.detectors.base import Detector, Kind
 from veilstream.detectors.centerface import CenterFaceDetector
 from veilstream.detectors.combined import DEFAULT_PADDING, CombinedDetector
-from veilstream.detectors.memory import DetectionMemory
+from veilstream.detectors.memory import MAX_CAMERAS, DetectionMemory
 from veilstream.detectors.weights import DEFAULT_FACE_WEIGHTS, DEFAULT_PLATE_WEIGHTS
-from veilstream.detectors.yolo import DEFAULT_CLASS_MAP, DEFAULT_THRESHOLDS, YoloDetector
+from veilstream.detectors.yolo import DEFAULT_CLASS_MAP, DEFAULT_THRESHOLDS, Runtime, YoloDetector
 
 Threshold = Annotated[float, Field(gt=0.0, lt=1.0)]
 
@@ -35,6 +35,10 @@ class YoloBackendConfig(BaseModel):
     # Default plate threshold 0.2 rather than Ultralytics' 0.25: the motion-blurred sample plate scores 0.237.
     thresholds: dict[Kind, Threshold] = Field(default_factory=_default_thresholds)
     imgsz: int = Field(default=640, ge=32, multiple_of=32)
+    # auto: ultralytics' ONNX backend on CPU (.pt weights exported once, cached), torch on CUDA; .onnx weights: onnx.
+    runtime: Runtime = "auto"
+    # onnxruntime intra-op threads with runtime onnx; None = one per core.
+    threads: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _every_kind_has_a_threshold(self) -> YoloBackendConfig:
@@ -92,6 +96,8 @@ class MemoryConfig(BaseModel):
     seconds: float | None = Field(default=1.0, gt=0.0)
     # Share of a box's size added on each side per frame it is predicted (motion is not exact).
     growth: float = Field(default=0.1, ge=0.0, le=1.0)
+    # Cameras remembered at once; past it, the camera seen longest ago is forgotten (its next frame starts afresh).
+    max_cameras: int = Field(default=MAX_CAMERAS, ge=1)
 
 
 class DetectorConfig(BaseModel):
@@ -119,6 +125,8 @@ def build_backend(config: BackendConfig, device: str = "cpu") -> Detector:
             thresholds=config.thresholds,
             imgsz=config.imgsz,
             device=device,
+            runtime=config.runtime,
+            threads=config.threads,
         )
     return CenterFaceDetector(
         weights=config.weights,
@@ -136,7 +144,7 @@ def build_memory(config: MemoryConfig) -> DetectionMemory | None:
     """The per-camera memory of recent boxes, None when it is off."""
     if config.frames == 0:
         return None
-    return DetectionMemory(config.frames, config.seconds, config.growth)
+    return DetectionMemory(config.frames, config.seconds, config.growth, config.max_cameras)
 
 
 def build_detector(config: DetectorConfig | None = None, device: str = "cpu") -> CombinedDetector:
@@ -148,7 +156,7 @@ def build_detector(config: DetectorConfig | None = None, device: str = "cpu") ->
     if config.plate_check is not None and plates:
         from veilstream.detectors.plates import imagenet_vehicle_check
 
-        check = imagenet_vehicle_check(config.plate_check.context, config.plate_check.min_vehicle)
+        check = imagenet_vehicle_check(config.plate_check.context, config.plate_check.min_vehicle, device)
     return CombinedDetector(
         backends, padding=config.padding, merge_iou=config.merge_iou, max_side=config.max_side, check=check
     )

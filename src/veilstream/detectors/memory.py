@@ -8,12 +8,15 @@ returns a new track only once it is matched again, and no lost tracks), nothing 
 Frames of one camera must arrive in order. A gap in the sequence numbers (or, without them, more than `seconds`
 of capture time), a frame out of order and a frame without a key all start the camera afresh: what cannot be
 predicted is not blurred from memory. The state is per camera and can be dropped per camera or per Kafka
-partition (when the partition is revoked, its cameras go to another worker).
+partition (when the partition is revoked, its cameras go to another worker). At most `max_cameras` cameras are
+kept: past that the camera seen longest ago is dropped (its next frame starts afresh, as after a gap), so a flood
+of camera ids cannot grow the memory without limit.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,6 +31,9 @@ COVERED = 0.7
 # Motion is smoothed over frames (share of the newest step) and capped per frame at this share of the box size.
 SMOOTHING = 0.5
 MAX_STEP = 0.5
+# Cameras with state: far more than one worker serves (each camera's frames are a few kB of state, so the bound is
+# tens of MB at most), few enough that ids made up per message cannot exhaust memory.
+MAX_CAMERAS = 4096
 
 
 @dataclass(frozen=True)
@@ -87,19 +93,25 @@ class _Camera:
 class DetectionMemory:
     """The boxes of recent frames, per camera. `frames`: how many frames a box is kept after it was last found
     (0 = no memory); `seconds`: the same in capture time (None = frames only); `growth`: share of a box's size
-    added on each side per frame it is predicted (motion is not exact)."""
+    added on each side per frame it is predicted (motion is not exact); `max_cameras`: cameras kept, the one seen
+    longest ago is dropped first."""
 
-    def __init__(self, frames: int = 5, seconds: float | None = 1.0, growth: float = 0.1) -> None:
+    def __init__(
+        self, frames: int = 5, seconds: float | None = 1.0, growth: float = 0.1, max_cameras: int = MAX_CAMERAS
+    ) -> None:
         if frames < 0:
             raise ValueError(f"memory frames must be >= 0, got {frames!r}")
         if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
             raise ValueError(f"memory seconds must be > 0 or None, got {seconds!r}")
         if not (math.isfinite(growth) and 0 <= growth <= 1):
             raise ValueError(f"memory growth must be in [0, 1], got {growth!r}")
+        if max_cameras < 1:
+            raise ValueError(f"memory max_cameras must be >= 1, got {max_cameras!r}")
         self.frames = frames
         self.seconds = seconds
         self.growth = growth
-        self._cameras: dict[str, _Camera] = {}
+        self.max_cameras = max_cameras
+        self._cameras: OrderedDict[str, _Camera] = OrderedDict()  # the camera seen longest ago first
 
     @property
     def cameras(self) -> frozenset[str]:
@@ -116,6 +128,9 @@ class DetectionMemory:
         camera = self._cameras.get(key.camera_id)
         if camera is None or not self._continues(camera, key):
             camera = self._cameras[key.camera_id] = _Camera()
+        self._cameras.move_to_end(key.camera_id)
+        while len(self._cameras) > self.max_cameras:
+            self._cameras.popitem(last=False)
         camera.sequence, camera.capture_time, camera.partition = key.sequence, key.capture_time, key.partition
         remembered: list[Detection] = []
         unmatched = list(detections)

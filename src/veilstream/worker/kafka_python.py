@@ -119,6 +119,8 @@ class KafkaPythonClient:
             # Never an aborted input; and a committed-offset fetch waits for a pending transactional commit
             # (KIP-447 require_stable), so a partition moved from a killed exactly-once worker resumes right.
             isolation_level="read_committed",
+            # Read-ahead is bounded: one fetch in flight per broker (at most fetch_max_bytes, or one record batch
+            # when that is larger), and a partition is fetched again only once its last response is drained.
             max_poll_records=max_poll_records,
             max_poll_interval_ms=settings.max_poll_interval_ms,
             session_timeout_ms=settings.session_timeout_ms,
@@ -129,6 +131,9 @@ class KafkaPythonClient:
         producer: dict[str, Any] = {
             **options,
             "acks": "all",
+            # kafka-python 3.0 has no buffer_memory: its accumulator holds what was sent and not yet acknowledged,
+            # which the sink bounds to about one batch's outputs (it waits for them before the next poll; what is
+            # never acknowledged expires after delivery_timeout_ms).
             # One request in flight per connection keeps retries in order.
             "max_in_flight_requests_per_connection": 1,
             "linger_ms": 5,

@@ -24,9 +24,13 @@ CLIENT_LOGGER = "kafka"
 class RepeatLimiter(logging.Filter):
     """Lets each (logger, message template) through once per `interval_s` and counts what it holds back."""
 
-    def __init__(self, interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic, max_templates: int = 1000
+    ) -> None:
         super().__init__()
         self.interval_s = interval_s
+        # Some kafka-python lines are pre-formatted (a backoff in the text): each is its own template.
+        self.max_templates = max_templates
         self.clock = clock
         self._lock = threading.Lock()
         self._passed: dict[tuple[str, str], float] = {}
@@ -44,13 +48,28 @@ class RepeatLimiter(logging.Filter):
                 self._held[key] += 1
                 self._counts[str(record.msg)[:80]] += 1
                 return False
+            self._passed.pop(key, None)  # re-inserted: the dict stays ordered by when each template last passed
             self._passed[key] = now
             held = self._held.pop(key, 0)
+            if len(self._passed) > self.max_templates:
+                self._forget_before(now - self.interval_s)
         if held:
             # Appended to the formatted message, so a template's own %-placeholders stay intact.
             record.msg = f"{record.getMessage()} [repeated {held} more times in the last {self.interval_s:.0f} s]"
             record.args = None
         return True
+
+    def _forget_before(self, cutoff: float) -> None:
+        """Drop templates that last passed before `cutoff` (they would pass again anyway), or the oldest ones
+        beyond `max_templates`; their held repeats are still in `_counts` for the readiness line."""
+        stale = [key for key, passed in self._passed.items() if passed < cutoff]
+        if len(self._passed) - len(stale) > self.max_templates:  # all recent: forget the oldest (dicts keep order)
+            stale = list(self._passed)[: len(self._passed) - self.max_templates]
+        for key in stale:
+            del self._passed[key]
+            self._held.pop(key, None)
+        while len(self._counts) > self.max_templates:  # never taken: keep the most repeated
+            del self._counts[min(self._counts, key=self._counts.__getitem__)]
 
     def take_counts(self) -> dict[str, int]:
         """The lines held back since the last call, by message template."""

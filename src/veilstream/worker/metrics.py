@@ -1,7 +1,10 @@
 """Prometheus metrics of one worker, and the window behind its periodic aggregate record.
 
 Both are fed only with delivered frames (`WorkerMetrics.count`, `AggregateWindow.add` after the sink's flush
-succeeded), so a batch that is rewound and processed again counts once.
+succeeded), so a batch that is rewound and processed again counts once. Both are bounded: a label takes at most
+`MAX_LABEL_VALUES` values (later ones count as "other"), and the window keeps only what the aggregate reads of
+each record (one with 40 boxes and decisions is ~30 times its summary) and says when it holds
+`MAX_WINDOW_RECORDS`.
 """
 
 from __future__ import annotations
@@ -16,15 +19,39 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from veilstream.schemas import AggregateRecord, FrameRecord
 from veilstream.stats import figures
 
+# Distinct values per label (topics, dead-letter reasons, stages, budgets): all come from the configuration and
+# the code today; the bound keeps a future source of free text (a topic pattern) from growing the registry.
+MAX_LABEL_VALUES = 64
+OTHER = "other"
+# Frame records per aggregate window: with the default 10 s window a worker would need 1,000 frames/s to reach it.
+MAX_WINDOW_RECORDS = 10_000
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 ITERATION_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 50, 100)
+
+
+class _Bounded:
+    """The values one label has taken: the first `limit` distinct ones pass, later new ones become OTHER."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if len(self._seen) >= self.limit:
+            return OTHER
+        self._seen.add(value)
+        return value
 
 
 class WorkerMetrics:
     """Every Prometheus series the worker exports, on its own registry."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, max_label_values: int = MAX_LABEL_VALUES) -> None:
         self.registry = registry or CollectorRegistry()
+        self.max_label_values = max_label_values
+        self._topic, self._reason, self._stage, self._budget = (_Bounded(max_label_values) for _ in range(4))
         r = self.registry
         self.frames_in = Counter("veilstream_frames_in", "Frames consumed and handled", ["topic"], registry=r)
         self.frames_out = Counter(
@@ -74,17 +101,17 @@ class WorkerMetrics:
         """Count the delivered frames of one batch: their records as they finally were (a refused output is a
         dropped record); `decode_s` is each frame's decode time, `latency_s` poll to acknowledgement."""
         for record in records:
-            self.frames_in.labels(record.source_topic or "").inc()
+            self.frames_in.labels(self._topic(record.source_topic or "")).inc()
             self.frame_latency.observe(latency_s)
-            self.stage_seconds.labels("decode").observe(decode_s)
+            self.stage_seconds.labels(self._stage("decode")).observe(decode_s)
             for stage, ms in record.stage_ms.items():
-                self.stage_seconds.labels(stage).observe(ms / 1000)
+                self.stage_seconds.labels(self._stage(stage)).observe(ms / 1000)
             if record.residual_faces:
                 self.residual.labels("face").inc(record.residual_faces)
             if record.residual_plates:
                 self.residual.labels("plate").inc(record.residual_plates)
             if record.outcome == "dropped":
-                self.dead_letters.labels(record.reason or "unknown").inc()
+                self.dead_letters.labels(self._reason(record.reason or "unknown")).inc()
                 continue
             self.frames_out.inc()  # a masked frame too: it is on the output topic (records tell the two apart)
             if record.outcome == "published" and record.corrected:
@@ -97,19 +124,42 @@ class WorkerMetrics:
         if record.consistent is False:
             self.final_changes.inc()
         if record.budget_exhausted and record.stop_reason:
-            self.budget_exhausted.labels(record.stop_reason.removesuffix("_budget")).inc()
+            self.budget_exhausted.labels(self._budget(record.stop_reason.removesuffix("_budget"))).inc()
+
+
+def summary_of(record: FrameRecord) -> FrameRecord:
+    """The record less what `stats.figures` does not read: boxes, decisions past the top one, stage times, the
+    detail. The aggregate of summaries is the aggregate of the records."""
+    return record.model_copy(
+        update={
+            "detections": [],
+            "leak_detections": [],
+            "naive": [],
+            "original": record.original[:1],
+            "final": record.final[:1],
+            "stage_ms": {},
+            "detail": None,
+        }
+    )
 
 
 @dataclass
 class AggregateWindow:
-    """Delivered frame records between two aggregate records."""
+    """The delivered frames between two aggregate records, as summaries (`summary_of`). `full` once it holds
+    `max_records`: the owner should close it then rather than wait for the interval (it keeps adding otherwise,
+    so that the aggregate stays exact)."""
 
     worker: str
     started: float = field(default_factory=time.time)
     records: list[FrameRecord] = field(default_factory=list)
+    max_records: int = MAX_WINDOW_RECORDS
 
     def add(self, records: Iterable[FrameRecord]) -> None:
-        self.records.extend(records)
+        self.records.extend(summary_of(record) for record in records)
+
+    @property
+    def full(self) -> bool:
+        return len(self.records) >= self.max_records
 
     def close(self, now: float | None = None) -> AggregateRecord:
         """The aggregate of the window (`stats.figures`, the one aggregate); the caller starts a new window."""
