@@ -101,6 +101,9 @@ RUN apt-get update \
 
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /opt/veilstream /opt/veilstream
+# The smoke test below writes the ONNX exports of the classifier and the YOLO plate detector here, as the runtime
+# user; at run time the folder is only read (a pod with a read-only root filesystem starts without exporting).
+RUN mkdir -p /opt/veilstream/cache && chown "${UID}:${UID}" /opt/veilstream/cache
 COPY deploy/docker/veilstream.yaml /etc/veilstream/veilstream.yaml
 
 # Everything the process writes goes to /tmp (an emptyDir / tmpfs when the root filesystem is read-only).
@@ -111,6 +114,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     YOLO_CONFIG_DIR=/opt/veilstream/ultralytics \
     HF_HUB_OFFLINE=1 \
     TORCH_HOME=/opt/veilstream/torch \
+    VEILSTREAM_CACHE=/opt/veilstream/cache \
     MPLBACKEND=Agg \
     MPLCONFIGDIR=/tmp/matplotlib \
     XDG_CACHE_HOME=/tmp/cache \

@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import io
 import json
+import multiprocessing
 import os
 import platform
 import random
@@ -54,6 +55,7 @@ from veilstream.factory import build_pipeline
 from veilstream.outcome import FrameOutcome
 from veilstream.pipeline import Pipeline
 from veilstream.publishing.encoding import Encoder
+from veilstream.runner import MemorySink, Origin, Runner, SourceItem
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path(os.environ.get("VEILSTREAM_CACHE", Path.home() / ".cache" / "veilstream"))
@@ -217,6 +219,23 @@ def run_pipeline(pipeline: Pipeline, batch_size: int, keys: FrameKeys | None = N
     return run
 
 
+def run_runner(pipeline: Pipeline, batch_size: int, keys: FrameKeys | None = None) -> Run:
+    """The product's `Runner` with `overlap` (batch n+1 prepared while batch n is completed), into a MemorySink."""
+
+    def run(frames: Sequence[Frame]) -> list[FrameSummary]:
+        sink = MemorySink()
+        runner = Runner(pipeline, [sink], batch_size, worker="bench", overlap=True)
+        items = []
+        for index, frame in enumerate(frames):
+            key = keys.get(id(frame)) if keys is not None else None
+            origin = Origin(key.camera_id, key.sequence) if key is not None else Origin("bench", index)
+            items.append(SourceItem(origin, frame=frame))
+        runner.run(items)
+        return [summarize(processed.outcome) for processed in sink.flushed]
+
+    return run
+
+
 # --- deface -----------------------------------------------------------------------------------------------------
 
 
@@ -340,6 +359,11 @@ def build_variants(config: VeilstreamConfig, batch_size: int, keys: FrameKeys | 
         Variant("full", "(c) full, residual check off", run_pipeline(full, batch_size, keys)),
         Variant(
             "full_residual", f"(c') full, residual check {residual_mode}", run_pipeline(full_residual, batch_size, keys)
+        ),
+        Variant(
+            "full_residual_overlap",
+            "(c'') as (c'), batches overlapped (Runner)",
+            run_runner(full_residual, batch_size, keys),
         ),
         Variant("faces", f"ours faces-only: CenterFace+blur+{codec}", run_pipeline(faces, batch_size, keys)),
     ]
@@ -620,6 +644,31 @@ def report(variants: list[Variant]) -> tuple[dict[str, Any], dict[str, Any]]:
     return ratios, targets
 
 
+def stage_runtimes(pipeline: Pipeline) -> dict[str, str]:
+    """What runs each model of `pipeline`: detector backends and classifiers."""
+    runtimes = {
+        f"detector {type(backend).__name__}": str(getattr(backend, "runtime", "?"))
+        for backend in combined_detector(pipeline).detectors
+    }
+    if pipeline.corrector is not None:
+        for member in pipeline.corrector.ensemble.members:
+            runtimes[f"classifier {member.name}"] = str(getattr(member, "decision_runtime", "torch"))
+    return runtimes
+
+
+def _busy_loop() -> None:
+    while True:
+        pass
+
+
+def start_contention(count: int) -> list[multiprocessing.Process]:
+    """`count` processes that keep a core busy each (another tenant on the node), stopped by the caller."""
+    processes = [multiprocessing.Process(target=_busy_loop, daemon=True) for _ in range(count)]
+    for process in processes:
+        process.start()
+    return processes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--video", type=Path, default=DEFAULT_VIDEO)
@@ -634,6 +683,9 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated variant keys to run (default: all)")
     parser.add_argument(
         "--also", action="append", default=[], metavar="LABEL=CONFIG", help="another config's (a), (b), (c') too"
+    )
+    parser.add_argument(
+        "--contend", type=int, default=0, metavar="N", help="N busy-looping processes share the CPU while measuring"
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "pipeline.json")
     args = parser.parse_args()
@@ -663,8 +715,15 @@ def main() -> None:
     )
     for backend, status in setup.deface.items():
         print(f"deface {backend}: {status}")
+    runtimes = stage_runtimes(setup.profiled)
+    print("runtimes:", ", ".join(f"{stage} {runtime}" for stage, runtime in runtimes.items()))
+    contention = start_contention(args.contend)
 
-    measure(variants, frames, batch_size, args.chunk, args.repeats)
+    try:
+        measure(variants, frames, batch_size, args.chunk, args.repeats)
+    finally:
+        for process in contention:
+            process.terminate()
     ratios, targets = report(variants)
     checks = sanity({v.key: v for v in variants})
     print("\nsanity:", json.dumps(checks, indent=1))
@@ -694,6 +753,8 @@ def main() -> None:
         "cores": os.cpu_count(),
         "device": device,
         "torch_threads": torch_default,
+        "runtimes": runtimes,
+        "contending_processes": args.contend,
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "opencv": cv2.__version__},
         "deface": setup.deface,
         "config": config.model_dump(

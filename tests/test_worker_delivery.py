@@ -115,7 +115,10 @@ def run(kafka: FakeKafka, cfg: VeilstreamConfig, pipe: Pipeline, max_polls: int 
     worker = Worker(cfg, pipe, client=kafka, lifecycle=lifecycle)
 
     def idle() -> None:
-        lifecycle.request_stop()
+        # With overlap the worker polls the next batch while it still holds one: an empty poll means the input
+        # is drained only once no batch is held.
+        if not worker.holds_batch_ahead():
+            lifecycle.request_stop()
 
     kafka.on_idle = idle
     kafka.poll_limit = max_polls

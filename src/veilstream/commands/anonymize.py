@@ -33,7 +33,9 @@ def run_anonymize(
     scan = scan_inputs(inputs)
     videos = VideoSink(out)
     folder = FolderSink(out, pipeline.encoder.extension, videos, scan.skipped)
-    runner = Runner(pipeline, [folder, videos], config.pipeline.batch_size, worker="anonymize")
+    runner = Runner(
+        pipeline, [folder, videos], config.pipeline.batch_size, worker="anonymize", overlap=config.pipeline.overlap
+    )
     limits = DecodeLimits(config.decode.min_side, config.decode.max_pixels)
     items = file_items(scan, video_step=1, limits=limits, video_limit=video_limit)
     try:

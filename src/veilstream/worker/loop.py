@@ -4,13 +4,16 @@ At-least-once: a batch's offsets are committed only after every output of the ba
 records) is acknowledged (`KafkaSink.flush`). Exactly-once: the sink commits the offsets in the batch's
 transaction. When the flush fails, the partitions are rewound to the batch's first offsets and the batch is
 processed again after a backoff, so at-least-once duplicates are bounded by one batch; the sink dead-letters what
-the broker refuses for good, or what fails `delivery_attempts` times. Rebalances happen only inside poll(), so a
-revoke never finds work in flight. Prometheus counters and the aggregate window count delivered frames only.
+the broker refuses for good, or what fails `delivery_attempts` times. Prometheus counters and the aggregate window
+count delivered frames only.
 
-Stopping (SIGTERM): no more polls; the batch in flight waits for its acknowledgements until the lifecycle's
-deliveries deadline, nothing unacknowledged is committed, the clients close within the grace period, and the
-exit code is 0 with a `worker_stopped` line naming the offsets a restart will reprocess. Readiness and its
-reasons: readiness.py. Signals, the watchdog and HTTP are the lifecycle's (`lifecycle.py`, `service.py`).
+Overlap (`pipeline.overlap`): batch n+1 is polled and prepared in the background while batch n is completed,
+delivered and committed; a rewind of batch n or a revoke of its partitions drops batch n+1 (batches.py).
+
+Stopping (SIGTERM): no more polls; what was polled is processed (with overlap, the batch ahead too) and waits for
+its acknowledgements until the lifecycle's deliveries deadline, nothing unacknowledged is committed, the clients
+close within the grace period, and the exit code is 0 with a `worker_stopped` line naming the offsets a restart
+will reprocess. Readiness: readiness.py. Signals, the watchdog and HTTP: `lifecycle.py`, `service.py`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
 
 import structlog
 from kafka.errors import CommitFailedError, KafkaError, ProducerFencedError
@@ -28,7 +30,8 @@ from veilstream.config import VeilstreamConfig
 from veilstream.decoding.images import DecodeLimits
 from veilstream.pipeline import Pipeline
 from veilstream.publishing.kafka_sink import DeliveryFailed, KafkaSink, KafkaTopics
-from veilstream.runner import Runner
+from veilstream.runner import PreparedBatch, Runner
+from veilstream.worker.batches import BatchAhead, BatchReport, Polled, next_offsets, note_read, seek_back
 from veilstream.worker.client import KafkaClient, Message, TopicPartition, TransactionInDoubt
 from veilstream.worker.health import Heartbeat
 from veilstream.worker.kafka_python import KafkaPythonClient
@@ -37,6 +40,7 @@ from veilstream.worker.messages import source_item
 from veilstream.worker.metrics import AggregateWindow, WorkerMetrics
 from veilstream.worker.readiness import LoopView, Readiness, ReadinessMonitor, not_ready_reasons
 
+__all__ = ["EXIT_FAILED", "EXIT_FENCED", "EXIT_TRANSACTION_IN_DOUBT", "BatchReport", "Worker"]
 log = structlog.get_logger("veilstream.worker")
 
 EXIT_FENCED = 3  # another worker runs with this worker_id (exactly-once): a configuration error
@@ -47,27 +51,8 @@ _CLOSING_FLUSH_S = 2.0
 _CONNECT_BACKOFF_MAX_S = 30.0
 
 
-@dataclass(frozen=True)
-class BatchReport:
-    """One batch's way through the loop (time.perf_counter() instants), for observers such as benchmarks."""
-
-    records: int
-    started: float  # records handed over by poll
-    decoded: float
-    processed: float  # pipeline run, records made, outputs handed to the sink
-    flushed: float  # every output acknowledged (exactly-once: the transaction committed), or the flush failed
-    committed: float  # offsets committed (or, when not delivered, rewound)
-    send_s: float  # inside the flush: producing
-    wait_s: float  # inside the flush: waiting for acknowledgements
-    delivered: bool
-
-
 def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:300]
-
-
-def _partition(message: Message) -> TopicPartition:
-    return TopicPartition(message.topic, message.partition)
 
 
 class Worker:
@@ -95,6 +80,7 @@ class Worker:
         self.client = client
         self.sink: KafkaSink | None = None
         self.runner: Runner | None = None
+        self._ahead: BatchAhead | None = None  # with overlap: the batch prepared while the one before completes
         self._lag_partitions: set[tuple[str, int]] = set()
         self._connect_error: str | None = None
         self._connect_cause: str | None = None
@@ -136,6 +122,10 @@ class Worker:
     def request_stop(self) -> None:
         self.lifecycle.request_stop()
 
+    def holds_batch_ahead(self) -> bool:
+        """With overlap: a batch is polled and being prepared, or prepared, and not yet delivered."""
+        return self._ahead is not None and self._ahead.held
+
     # -- the loop -----------------------------------------------------------------------------------
 
     def connect(self) -> KafkaClient | None:
@@ -172,12 +162,15 @@ class Worker:
             transactional=self.exactly_once,
             stop_deadline=self.lifecycle.deliveries_deadline,
         )
-        self.runner = Runner(self.pipeline, [self.sink], self.config.pipeline.batch_size, self.worker_id)
+        size, overlap = self.config.pipeline.batch_size, self.config.pipeline.overlap
+        self.runner = Runner(self.pipeline, [self.sink], size, self.worker_id, overlap=overlap)
+        self._ahead = BatchAhead(self.runner) if self.runner.overlap else None
         self.client.subscribe(s.input_topics, self)
         return self.client
 
     def run(self, max_batches: int | None = None) -> int:
-        """Process until stopped (or `max_batches` delivered batches); returns the process exit code."""
+        """Process until stopped (or `max_batches` delivered batches: a batch prepared ahead is then left
+        uncommitted); returns the process exit code."""
         monitor = ReadinessMonitor(self.refresh_readiness).start()
         code = 0
         try:
@@ -197,15 +190,18 @@ class Worker:
                 if now >= next_aggregate:
                     self._queue_aggregate()
                     next_aggregate = now + self.settings.aggregate_interval_s
-                if self._polling_since is None:
+                if self._polling_since is None and not self.holds_batch_ahead():  # holding one, it is busy
                     self._polling_since = time.monotonic()
                 messages = self._poll(client)
                 if messages:
                     self._polling_since = None
-                    if self.process_batch(messages):
-                        batches += 1
-                elif self.sink is not None and self.sink.has_extras:
+                delivered = self.process_batch(messages)
+                if delivered:
+                    batches += 1
+                elif delivered is None and not messages and self.sink is not None and self.sink.has_extras:
                     self._flush_aggregate()
+            if self.lifecycle.stopping and self._ahead is not None and self._ahead.held:
+                self._deliver(*self._ahead.take())  # polled before the stop: processed like any batch in flight
         except ProducerFencedError as error:
             log.error("producer_fenced", error=_describe(error), worker=self.worker_id, exit_code=EXIT_FENCED)
             code = EXIT_FENCED
@@ -224,31 +220,50 @@ class Worker:
 
     def _poll(self, client: KafkaClient) -> Sequence[Message]:
         """The next records; none while the brokers cannot be reached (kafka-python raises from poll when it
-        cannot even look the coordinator up): readiness says so, and the loop keeps turning."""
+        cannot even look the coordinator up): readiness says so, and the loop keeps turning. While a batch is
+        prepared ahead, no longer than its prepare should still take: no batch waits for a poll."""
+        timeout_ms = self.settings.batch_timeout_ms
+        if self._ahead is not None and self._ahead.held:
+            timeout_ms = min(timeout_ms, int(self._ahead.expected_wait_s() * 1000))
         try:
-            messages = client.poll(self.settings.batch_timeout_ms, self.config.pipeline.batch_size)
+            messages = client.poll(timeout_ms, self.config.pipeline.batch_size)
         except KafkaError as error:
             self._poll_failures += 1
             if self._poll_failures == 1:
                 log.warning("polls_failing", error=_describe(error))
-            self.lifecycle.wait(self.settings.batch_timeout_ms / 1000)
+            self.lifecycle.wait(timeout_ms / 1000)
             return []
         if self._poll_failures:
             log.info("polls_recovered", failed_polls=self._poll_failures)
             self._poll_failures = 0
         return messages
 
-    def process_batch(self, messages: Sequence[Message]) -> bool:
-        """Decode, process, deliver and commit one batch; False when it was rewound to be processed again."""
-        assert self.client is not None and self.sink is not None and self.runner is not None
+    def process_batch(self, messages: Sequence[Message]) -> bool | None:
+        """Decode, process, deliver and commit a batch: without overlap `messages`; with it the batch prepared
+        ahead, once `messages` started preparing in the background. False when the batch was rewound to be
+        processed again, None when there was no batch."""
+        assert self.runner is not None
+        polled = self._accept(messages) if messages else None  # decoding overlaps the held batch's prepare
+        if self._ahead is None:
+            return None if polled is None else self._deliver(polled, self.runner.prepare(polled.items))
+        held = self._ahead.take() if self._ahead.held else None
+        if polled is not None:
+            self._ahead.start(polled)
+        return None if held is None else self._deliver(*held)
+
+    def _accept(self, messages: Sequence[Message]) -> Polled:
+        """Note the records as read and not committed, and decode them."""
         started = time.perf_counter()
-        for message in messages:
-            tp = _partition(message)
-            first, end = self._uncommitted.get(tp, (message.offset, message.offset))
-            self._uncommitted[tp] = (min(first, message.offset), max(end, message.offset + 1))
+        note_read(self._uncommitted, messages)
         items = [source_item(m, self.limits, self.settings.max_frame_bytes, started) for m in messages]
-        decoded = time.perf_counter()
-        self.runner.process(items)
+        return Polled(messages, items, started, time.perf_counter())
+
+    def _deliver(self, polled: Polled, prepared: PreparedBatch) -> bool:
+        """Complete a prepared batch, deliver and commit it; False when it was rewound to be processed again
+        (with the batch prepared after it, whose records follow its own)."""
+        assert self.sink is not None and self.runner is not None
+        messages, started, decoded = polled.messages, polled.started, polled.decoded
+        self.runner.complete(prepared)
         processed = time.perf_counter()
         try:
             self.sink.flush()
@@ -256,7 +271,8 @@ class Worker:
             flushed = time.perf_counter()
             self._delivery_error = str(error)[:300]
             self._delivery_failed_at = time.monotonic()
-            self._rewind(messages, str(error))
+            ahead = self._ahead.discard() if self._ahead is not None else ()
+            self._rewind(messages, str(error), ahead)
             self._report(len(messages), (started, decoded, processed, flushed, time.perf_counter()), False)
             return False
         flushed = time.perf_counter()
@@ -264,7 +280,7 @@ class Worker:
         delivered = self.sink.delivered
         self.metrics.count(delivered, (decoded - started) / len(messages), flushed - started)
         self.window.add(delivered)
-        offsets = self._next_offsets(messages)
+        offsets = next_offsets(messages)
         if self.exactly_once:
             self._committed(offsets)  # in the transaction the sink committed
         else:
@@ -277,14 +293,6 @@ class Worker:
             assert self.sink is not None
             timings = self.sink.timings
             self.observer(BatchReport(records, *instants, timings.send_s, timings.wait_s, delivered))
-
-    @staticmethod
-    def _next_offsets(messages: Sequence[Message]) -> dict[TopicPartition, int]:
-        offsets: dict[TopicPartition, int] = {}
-        for message in messages:
-            tp = _partition(message)
-            offsets[tp] = max(message.offset + 1, offsets.get(tp, 0))
-        return offsets
 
     def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         assert self.client is not None
@@ -316,26 +324,25 @@ class Worker:
             else:
                 self._uncommitted[tp] = (max(first, offset), end)
 
-    def _rewind(self, messages: Sequence[Message], why: str) -> None:
-        """Seek back to the first offset of the batch in each partition still ours, then wait before retrying
-        (stopping: neither, the batch is left to whoever reads these partitions next)."""
+    def _rewind(self, messages: Sequence[Message], why: str, ahead: Sequence[Message] = ()) -> None:
+        """Seek back to the first offset of the batch (and of the dropped batch `ahead`, read after it) in each
+        partition still ours, then wait before retrying (stopping: neither, the batch is left to whoever reads
+        these partitions next)."""
         assert self.client is not None
         self.metrics.redeliveries.inc()
-        log.warning("batch_retry", reason=why[:300], frames=len(messages), stopping=self.lifecycle.stopping or None)
+        stopping = self.lifecycle.stopping or None
+        log.warning(
+            "batch_retry", reason=why[:300], frames=len(messages), dropped_ahead=len(ahead) or None, stopping=stopping
+        )
         if self.lifecycle.stopping:
             return
-        first: dict[TopicPartition, int] = {}
-        for message in messages:
-            tp = _partition(message)
-            first[tp] = min(first.get(tp, message.offset), message.offset)
-        assigned = self.client.assignment()
-        for tp, offset in first.items():
-            if tp in assigned:
-                self.client.seek(tp, offset)
+        seek_back(self.client, [*messages, *ahead], self.client.assignment())
         self.lifecycle.wait(self.settings.retry_backoff_s)
 
     def _close(self, code: int) -> None:
         log.info("worker_stopping", worker=self.worker_id)
+        if self._ahead is not None:
+            self._ahead.close()  # a batch still held (the loop failed): its offsets are left uncommitted
         self.readiness.update(["stopping"])
         if self.client is not None and self.sink is not None and self._delivery_error is None:
             # The aggregate, unless the brokers were just failing (a Kafka outage must not hold the exit up).
@@ -369,8 +376,11 @@ class Worker:
     # -- rebalances (called by the client inside poll) ----------------------------------------------
 
     def on_revoked(self, partitions: Collection[TopicPartition]) -> None:
-        # Nothing is in flight here: batches are committed before the next poll, where rebalances happen.
+        # Without overlap nothing is in flight here: batches are committed before the next poll, where rebalances
+        # happen. With overlap the batch prepared ahead is dropped if it holds records of these partitions.
         log.info("partitions_revoked", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in partitions))
+        if self._ahead is not None and self.client is not None:
+            self._ahead.release(partitions, self.client)  # before the memory forgets these cameras (below)
         for tp in partitions:
             self.forget_lag(tp)
             self._uncommitted.pop(tp, None)
