@@ -76,14 +76,17 @@ class VehicleContextCheck:
 
 
 def imagenet_vehicle_check(context: float = 5.0, min_vehicle: float = 0.3, device: str = "cpu") -> VehicleContextCheck:
-    """The check with the built-in EfficientNet-Lite0 (ImageNet-1k) on `device`."""
-    from veilstream.correction.classifier import Classifier, Preprocessing, imagenet_labels, load_efficientnet_lite0
+    """The check with the built-in EfficientNet-Lite0 (ImageNet-1k) on `device`, forward-only on the runtime
+    its `decision_runtime: auto` picks (onnxruntime on the CPU)."""
+    from veilstream.config import ClassifierConfig
+    from veilstream.correction.classifier import imagenet_labels
+    from veilstream.correction.loading import build_classifier
 
     labels = imagenet_labels()
-    classifier = Classifier("efficientnet-lite0", load_efficientnet_lite0(), Preprocessing(), labels, device=device)
+    classifier = build_classifier(ClassifierConfig(source="efficientnet-lite0", grouping=None), device)
 
     def probabilities(crops: Sequence[torch.Tensor]) -> torch.Tensor:
-        return torch.softmax(classifier.logits([crop.to(classifier.device) for crop in crops]), dim=-1).cpu()
+        return torch.softmax(classifier.predict([crop.to(classifier.device) for crop in crops]), dim=-1).cpu()
 
     return VehicleContextCheck(
         probabilities, tuple(labels.index(name) for name in VEHICLE_CLASSES), context, min_vehicle
