@@ -363,7 +363,11 @@ def build_variants(config: VeilstreamConfig, batch_size: int, keys: FrameKeys | 
         Variant(
             "full_residual_overlap",
             "(c'') as (c'), batches overlapped (Runner)",
-            run_runner(full_residual, batch_size, keys),
+            run_runner(
+                build_pipeline(changed(correcting, pipeline={"residual_check": residual_mode, "overlap": True})),
+                batch_size,
+                keys,
+            ),
         ),
         Variant("faces", f"ours faces-only: CenterFace+blur+{codec}", run_pipeline(faces, batch_size, keys)),
     ]

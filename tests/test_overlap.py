@@ -33,7 +33,8 @@ from veilstream.worker.loop import Worker
 
 from .conftest import noise_frames
 from .fake_kafka import FakeKafka
-from .test_worker_delivery import DLQ, INPUT, OUTPUT, config, feed, metric, refuse, run, sources
+from .test_worker_delivery import DLQ, INPUT, OUTPUT, feed, metric, refuse, run, sources
+from .test_worker_delivery import config as delivery_config
 
 WAIT_S = 5.0  # how long a test waits for the other thread before it fails
 
@@ -308,6 +309,11 @@ def test_the_worker_prepares_the_next_batch_while_it_delivers_one() -> None:
 
 def with_overlap(cfg: VeilstreamConfig, overlap: bool) -> VeilstreamConfig:
     return cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update={"overlap": overlap})})
+
+
+def config(**worker: Any) -> VeilstreamConfig:
+    """The delivery tests' worker configuration with `pipeline.overlap` on (it is off by default)."""
+    return with_overlap(delivery_config(**worker), True)
 
 
 class SecondPrepareFails(Pipeline):

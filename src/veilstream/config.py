@@ -214,12 +214,13 @@ class PipelineConfig(_Strict):
         "the check's; frame: every checked frame gets the whole-frame pass. Plates always get the whole frame",
     )
     leak_check: LeakCheckConfig = LeakCheckConfig()
+    # Off by default: on 2 CPU cores the detectors' onnxruntime threads already use both cores, and overlapping
+    # measured 1.00x (README) while a second set of detector models costs memory. For GPU nodes and more cores.
     overlap: bool = Field(
-        True,
+        False,
         description="prepare batch n+1 (detect, remember, anonymize) on a background thread while batch n is "
-        "corrected, encoded and checked (onnxruntime and torch release the GIL: two cores work at once); one "
-        "batch ahead at most. Off, or where the finder and a check share one model object, batches run one "
-        "after the other",
+        "corrected, encoded and checked (onnxruntime and torch release the GIL); one batch ahead at most; the "
+        "residual check then gets its own detector models. Off: batches run one after the other",
     )
 
 
