@@ -93,9 +93,13 @@ def _changed(a: tuple[Decision, ...], b: tuple[Decision, ...]) -> bool:
     return any(x.index != y.index for x, y in zip(a, b, strict=True))
 
 
-def _to_tensor(frame: Frame, device: torch.device) -> torch.Tensor:
+def _check_frame(frame: Frame) -> None:
     if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
         raise ValueError(f"expected HxWx3 uint8 RGB, got shape {frame.shape} dtype {frame.dtype}")
+
+
+def _to_tensor(frame: Frame, device: torch.device) -> torch.Tensor:
+    _check_frame(frame)
     return torch.from_numpy(np.ascontiguousarray(frame)).to(device).permute(2, 0, 1).float()
 
 
@@ -137,21 +141,20 @@ class AdaptiveCorrector:
         settings = self.settings
         start = time.perf_counter()
         reference, reference_confidence = self.reference(originals)
-        anon = [_to_tensor(a, self.device) for a in anonymized]
-        region = [torch.from_numpy(np.ascontiguousarray(m)).to(self.device).unsqueeze(0) for m in masks]
-        for a, m in zip(anon, region, strict=True):
-            if a.shape[1:] != m.shape[1:]:
-                raise ValueError(f"mask shape {tuple(m.shape[1:])} does not match frame {tuple(a.shape[1:])}")
-        low = [(a - settings.max_change).clamp_min(0) for a in anon]
-        high = [(a + settings.max_change).clamp_max(255) for a in anon]
-        current = [a.clone() for a in anon]
-        published: list[torch.Tensor] = [a for a in anon]  # decoded published pixels, from the latest check
-        changed_members: list[list[bool]] = [[True] * len(self.ensemble.members) for _ in anon]
-        iterations = [0] * len(anon)
-        spent_ms = [(time.perf_counter() - start) * 1000 / len(anon)] * len(anon)  # the reference, shared
+        for a, m in zip(anonymized, masks, strict=True):
+            _check_frame(a)
+            if a.shape[:2] != m.shape[:2]:
+                raise ValueError(f"mask shape {tuple(m.shape[:2])} does not match frame {tuple(a.shape[:2])}")
+        # Tensors of a frame are made only once it needs a step: most frames are consistent at the first check,
+        # which then runs on the anonymized uint8 pixels as they are (no float round trip, no copies).
+        stepping: dict[int, _Stepping] = {}
+        decoded: list[Frame] = list(anonymized)  # the decoded published pixels, from the latest check
+        changed_members: list[list[bool]] = [[True] * len(self.ensemble.members) for _ in anonymized]
+        iterations = [0] * len(anonymized)
+        spent_ms = [(time.perf_counter() - start) * 1000 / len(anonymized)] * len(anonymized)  # the reference
         results: dict[int, CorrectionResult] = {}
         naive: dict[int, tuple[Decision, ...]] = {}
-        active = list(range(len(anon)))
+        active = list(range(len(anonymized)))
         last_step_ms = 0.0
 
         def share(indices: Sequence[int], since: float) -> None:
@@ -159,25 +162,30 @@ class AdaptiveCorrector:
             for i in indices:
                 spent_ms[i] += each
 
-        def finish(i: int, reason: StopReason, checked: tuple[Encoded, tuple[Decision, ...]]) -> None:
+        def pixels(i: int) -> Frame:
+            return _to_frame(stepping[i].current) if i in stepping else anonymized[i]
+
+        def finish(i: int, reason: StopReason, checked: tuple[Encoded, tuple[Decision, ...]], frame: Frame) -> None:
             encoded, final = checked
+            state = stepping.get(i)
             results[i] = CorrectionResult(
                 original=self.ensemble.describe(reference, reference_confidence, i),
                 naive=naive[i],
                 final=final,
                 iterations=iterations[i],
                 elapsed_ms=spent_ms[i],
-                max_pixel_change=int((current[i].round() - anon[i]).abs().max()),
+                max_pixel_change=0 if state is None else int((state.current.round() - state.anon).abs().max()),
                 stop_reason=reason,
-                pixels=_to_frame(current[i]),
+                pixels=frame,
                 encoded=encoded,
             )
 
         while active:
             check_start = time.perf_counter()
-            checked = self._check([current[i] for i in active])
+            frames = [pixels(i) for i in active]
+            checked = self._check(frames)
             for i, (encoded, seen) in zip(active, checked, strict=True):
-                published[i] = _to_tensor(encoded.decoded, self.device)
+                decoded[i] = encoded.decoded
                 original = self.ensemble.describe(reference, reference_confidence, i)
                 changed_members[i] = [a.index != b.index for a, b in zip(original, seen, strict=True)]
             if not naive:
@@ -188,59 +196,66 @@ class AdaptiveCorrector:
                     for i, c in zip(active, checked, strict=True)
                 ]
             else:
-                decisions, _ = self.ensemble.decide([current[i] for i in active])
+                floats = [
+                    stepping[i].current if i in stepping else _to_tensor(anonymized[i], self.device) for i in active
+                ]
+                decisions, _ = self.ensemble.decide(floats)
                 agree = [bool((decisions[:, k] == reference[:, i]).all()) for k, i in enumerate(active)]
             share(active, check_start)
             elapsed_ms = (time.perf_counter() - start) * 1000
             out_of_time = settings.time_budget_ms is not None and elapsed_ms + last_step_ms > settings.time_budget_ms
             still: list[int] = []
-            for i, ok, c in zip(active, agree, checked, strict=True):
+            for i, ok, c, frame in zip(active, agree, checked, frames, strict=True):
                 if ok:
-                    finish(i, "already_consistent" if iterations[i] == 0 else "corrected", c)
-                elif not bool(region[i].any()):
-                    finish(i, "no_region", c)  # nothing may change, so nothing can be corrected
+                    finish(i, "already_consistent" if iterations[i] == 0 else "corrected", c, frame)
+                elif not masks[i].any():
+                    finish(i, "no_region", c, frame)  # nothing may change, so nothing can be corrected
                 elif iterations[i] >= settings.max_iterations:
-                    finish(i, "iteration_budget", c)
+                    finish(i, "iteration_budget", c, frame)
                 elif out_of_time:
-                    finish(i, "time_budget", c)
+                    finish(i, "time_budget", c, frame)
                 else:
                     still.append(i)
             active = still
             if not active:
                 break
             step_start = time.perf_counter()
-            self._step(active, current, published, region, low, high, reference, changed_members)
+            for i in active:
+                if i not in stepping:
+                    stepping[i] = _Stepping.start(anonymized[i], masks[i], settings.max_change, self.device)
+            self._step(active, stepping, decoded, reference, changed_members)
             for i in active:
                 iterations[i] += 1
             share(active, step_start)
             last_step_ms = (time.perf_counter() - step_start) * 1000
-        return [results[i] for i in range(len(anon))]
+        return [results[i] for i in range(len(anonymized))]
 
-    def _check(self, frames: Sequence[torch.Tensor]) -> list[tuple[Encoded, tuple[Decision, ...]]]:
-        """Round and encode each frame as the publish stage will; the decisions are on the decoded bytes."""
-        encoded = [self.encoder.roundtrip(_to_frame(f)) for f in frames]
+    def _check(self, frames: Sequence[Frame]) -> list[tuple[Encoded, tuple[Decision, ...]]]:
+        """Encode each frame as the publish stage will; the decisions are on the decoded bytes."""
+        encoded = [self.encoder.roundtrip(f) for f in frames]
         decisions, confidences = self.ensemble.decide([_to_tensor(e.decoded, self.device) for e in encoded])
         return [(e, self.ensemble.describe(decisions, confidences, k)) for k, e in enumerate(encoded)]
 
     def _step(
         self,
         active: Sequence[int],
-        current: list[torch.Tensor],
-        published: Sequence[torch.Tensor],
-        region: Sequence[torch.Tensor],
-        low: Sequence[torch.Tensor],
-        high: Sequence[torch.Tensor],
+        stepping: dict[int, _Stepping],
+        decoded: Sequence[Frame],
         reference: torch.Tensor,
         changed_members: Sequence[Sequence[bool]],
     ) -> None:
         settings = self.settings
-        inputs = [current[i].detach().requires_grad_(True) for i in active]
+        inputs = [stepping[i].current.detach().requires_grad_(True) for i in active]
         # The codec view models JPEG; for PNG and WebP the gradient is taken at the published pixels.
         point: GradientPoint = (
             "float" if not settings.through_codec else "codec" if self.encoder.codec == "jpeg" else "published"
         )
         seen = [
-            seen_by_classifier(x, published[i], region[i], point, self.encoder.quality)
+            x
+            if point == "float"
+            else seen_by_classifier(
+                x, _to_tensor(decoded[i], self.device), stepping[i].region, point, self.encoder.quality
+            )
             for x, i in zip(inputs, active, strict=True)
         ]
         weights = None
@@ -250,9 +265,28 @@ class AdaptiveCorrector:
         gradients = torch.autograd.grad(loss, inputs)
         with torch.no_grad():
             for i, gradient in zip(active, gradients, strict=True):
-                masked = gradient * region[i]
+                state = stepping[i]
+                masked = gradient * state.region
                 direction = masked.sign() if settings.step == "sign" else masked
                 peak = direction.abs().max()
                 if peak > 0:
-                    moved = current[i] - self.step * direction / peak
-                    current[i] = torch.minimum(torch.maximum(moved, low[i]), high[i])
+                    moved = state.current - self.step * direction / peak
+                    state.current = torch.minimum(torch.maximum(moved, state.low), state.high)
+
+
+@dataclass
+class _Stepping:
+    """A frame being stepped: its anonymized pixels, region, bounds and current float pixels, on the device."""
+
+    anon: torch.Tensor
+    region: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
+    current: torch.Tensor
+
+    @classmethod
+    def start(cls, anonymized: Frame, mask: npt.NDArray[np.bool_], max_change: int, device: torch.device) -> _Stepping:
+        anon = _to_tensor(anonymized, device)
+        region = torch.from_numpy(np.ascontiguousarray(mask)).to(device).unsqueeze(0)
+        low, high = (anon - max_change).clamp_min(0), (anon + max_change).clamp_max(255)
+        return cls(anon, region, low, high, anon.clone())
