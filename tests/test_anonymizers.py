@@ -85,3 +85,15 @@ def test_wide_blur_matches_a_direct_gaussian() -> None:
     fast = blur.anonymize(frame, [region])
     exact = separable_gaussian(frame, sigma, size)
     assert (fast - exact).abs().mean() < 3.0
+
+
+@pytest.mark.parametrize("anonymizer", [GaussianBlur(), GaussianBlur(kernel=9, sigma=10), Pixelate(), SolidMask()])
+def test_a_uint8_frame_is_hidden_as_its_float_copy_rounded(anonymizer: GaussianBlur | Pixelate | SolidMask) -> None:
+    """The pipeline hands uint8 frames over (only the regions become float): the pixels must be the same."""
+    frame = torch.from_numpy(noise_frames(1, height=120, width=160, seed=3)[0]).permute(2, 0, 1)
+    regions = [Region(10, 10, 70, 90, "box"), Region(50, 40, 150, 110, "ellipse"), Region(150, 100, 170, 130, "box")]
+    as_float = anonymizer.anonymize(frame.float(), regions).round().clamp(0, 255).to(torch.uint8)
+    as_uint8 = anonymizer.anonymize(frame, regions)
+    assert as_uint8.dtype == torch.uint8
+    assert torch.equal(as_uint8, as_float)
+    assert not torch.equal(as_uint8, frame)

@@ -161,10 +161,11 @@ class Pipeline:
 
     def _anonymize(self, frame: Frame, found: FoundRegions) -> tuple[Frame, npt.NDArray[np.bool_]]:
         regions = list(found.regions)
-        tensor = torch.from_numpy(np.ascontiguousarray(frame)).to(self.device).permute(2, 0, 1).float()
+        # uint8 in and out: the anonymizer converts only the regions' crops to float.
+        tensor = torch.from_numpy(np.ascontiguousarray(frame)).to(self.device).permute(2, 0, 1)
         hidden = self.anonymizer.anonymize(tensor, regions) if regions else tensor
         mask = region_mask(regions, frame.shape[0], frame.shape[1], self.device)
-        pixels = hidden.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        pixels = hidden.permute(1, 2, 0).cpu().numpy()
         return np.ascontiguousarray(pixels), mask.cpu().numpy()
 
     def finish(self, prepared: Prepared, corrector: AdaptiveCorrector | None = None) -> list[FrameOutcome]:

@@ -29,9 +29,11 @@ def _apply_per_region(
     margin: int,
     hide: _CropOperation,
 ) -> torch.Tensor:
-    """Run `hide` on a crop around each region (plus `margin` context) and paste it inside the region."""
+    """Run `hide` on a crop around each region (plus `margin` context) and paste it inside the region. An integer
+    frame (uint8) is hidden in float crop by crop and rounded where pasted: only the regions are ever converted."""
     if frame.ndim != 3 or frame.shape[0] != 3:
         raise ValueError(f"expected a (3, H, W) frame, got {tuple(frame.shape)}")
+    integer = not frame.is_floating_point()
     out = frame.clone()
     height, width = frame.shape[1:]
     for region in regions:
@@ -42,8 +44,11 @@ def _apply_per_region(
         cx1, cy1 = max(0, x1 - margin), max(0, y1 - margin)
         cx2, cy2 = min(width, x2 + margin), min(height, y2 + margin)
         # Hide from the original pixels so overlapping regions do not compound.
-        hidden = hide(frame[:, cy1:cy2, cx1:cx2], region)
+        crop = frame[:, cy1:cy2, cx1:cx2]
+        hidden = hide(crop.float() if integer else crop, region)
         inner = hidden[:, y1 - cy1 : y2 - cy1, x1 - cx1 : x2 - cx1]
+        if integer:
+            inner = inner.round().clamp(0, 255).to(frame.dtype)
         mask = region.crop_mask(bounds, frame.device)
         out[:, y1:y2, x1:x2] = torch.where(mask, inner, out[:, y1:y2, x1:x2])
     return out
