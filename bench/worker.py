@@ -59,6 +59,7 @@ from kafka.record._crc32c import crc as pure_crc32c
 
 from veilstream.config import VeilstreamConfig
 from veilstream.decoding.images import DecodeLimits, Frame, decode_frame
+from veilstream.detectors.memory import FrameKey
 from veilstream.factory import build_pipeline
 from veilstream.outcome import Published
 from veilstream.pipeline import Pipeline
@@ -299,7 +300,10 @@ def bench_alone(pipeline: Pipeline, jpegs: Sequence[bytes], batch: int, limits: 
         start = time.perf_counter()
         frames = [decode_frame(data, limits) for data in jpegs[first : first + batch]]
         decoded = time.perf_counter()
-        outcomes = pipeline.process(frames)
+        # Keyed as the worker's frames are (one camera, consecutive sequence numbers), so the detection memory
+        # works here as it does in the worker: without keys it would remember nothing and the work would differ.
+        keys = [FrameKey("bench-alone", first + k) for k in range(len(frames))]
+        outcomes = pipeline.process(frames, keys)
         process_s += time.perf_counter() - decoded
         decode_s += decoded - start
         for outcome in outcomes:
