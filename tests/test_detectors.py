@@ -30,7 +30,8 @@ from veilstream.detectors import (
     merge_overlapping,
     resolve_weights,
 )
-from veilstream.detectors.centerface import decode, dynamic_shapes, network_size
+from veilstream.detectors.centerface import decode, network_size
+from veilstream.detectors.onnx_shapes import dynamic_shapes
 from veilstream.errors import ConfigError, ModelLoadError
 
 MEDIA = Path(os.environ.get("VEILSTREAM_MEDIA", Path.home() / ".cache" / "veilstream" / "media"))

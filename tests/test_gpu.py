@@ -14,7 +14,8 @@ from torch.overrides import TorchFunctionMode
 
 from veilstream.decoding.images import Frame, decode_frame, sniff_codec
 from veilstream.detectors.base import Detection
-from veilstream.detectors.centerface import CenterFaceDetector, dynamic_shapes, torch_runner
+from veilstream.detectors.centerface import CenterFaceDetector, torch_runner
+from veilstream.detectors.onnx_shapes import dynamic_shapes
 from veilstream.errors import ModelLoadError
 from veilstream.publishing.encoding import (
     Encoder,

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import pytest
 
 from veilstream.config import VeilstreamConfig
@@ -17,7 +16,7 @@ from veilstream.detectors.combined import CombinedDetector
 from veilstream.detectors.windows import Window, windows_around, worth_windows
 from veilstream.factory import build_pipeline
 
-from .conftest import read_rgb
+from .conftest import read_rgb, video_frame
 
 PHOTOS = ("grace_hopper.jpg", "zidane.jpg", "messi5.jpg")
 
@@ -131,17 +130,7 @@ def test_without_boxes_to_look_around_or_when_windows_cost_more_the_whole_frame_
 
 
 def _vtest(media: Path, count: int, step: int, first: int) -> list[Frame]:
-    capture = cv2.VideoCapture(str(media / "vtest.avi"))
-    frames: list[Frame] = []
-    index = 0
-    while len(frames) < count:
-        ok, bgr = capture.read()
-        assert ok, "vtest.avi ended early"
-        if index >= first and (index - first) % step == 0:
-            frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-        index += 1
-    capture.release()
-    return frames
+    return [video_frame(media / "vtest.avi", first + k * step) for k in range(count)]
 
 
 @pytest.mark.parametrize(
