@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, for the helpers of worker.py
 from tests.support.brokers import KAFKA_VERSION, ApacheKafkaBroker
 
-from worker import CACHE, DEFAULT_VIDEO, MAX_BYTES, RESULTS, Topics, headers_for, read_video
+from worker import CACHE, DEFAULT_VIDEO, MAX_BYTES, RESULTS, Topics, headers_for, read_video, worker_section
 
 PLATE_IMAGE = CACHE / "media" / "licenseplate_motion.jpg"
 STATUS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "VmHWM", "Threads")
@@ -118,20 +118,7 @@ def worker_yaml(args: argparse.Namespace, bootstrap: str, topics: Topics, port: 
         data = yaml.safe_load(args.config.read_text()) or {}
     data.setdefault("device", args.device)
     data.setdefault("kafka", {}).update({"bootstrap_servers": bootstrap, "client_id": "veilstream-bench"})
-    data.setdefault("worker", {}).update(
-        {
-            "input_topics": [topics.input],
-            "output_topic": topics.output,
-            "metrics_topic": topics.metrics,
-            "dlq_topic": topics.dlq,
-            "group_id": topics.group,
-            "session_timeout_ms": 6000,
-            "heartbeat_interval_ms": 1000,
-            "http_host": "127.0.0.1",
-            "http_port": port,
-            "worker_id": f"bench-{topics.group}",
-        }
-    )
+    data.setdefault("worker", {}).update(worker_section(topics, port))
     path = folder / "worker.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

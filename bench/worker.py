@@ -196,21 +196,25 @@ def worker_config(bootstrap: str, topics: Topics, correction: bool, guarantee: s
             "device": "cpu",
             "correction": {"enabled": correction},
             "kafka": {"bootstrap_servers": bootstrap, "client_id": "veilstream-bench"},
-            "worker": {
-                "input_topics": [topics.input],
-                "output_topic": topics.output,
-                "metrics_topic": topics.metrics,
-                "dlq_topic": topics.dlq,
-                "group_id": topics.group,
-                "session_timeout_ms": 6000,
-                "heartbeat_interval_ms": 1000,
-                "http_host": "127.0.0.1",
-                "http_port": 0,
-                "worker_id": f"bench-{topics.group}",
-                "processing_guarantee": guarantee,
-            },
+            "worker": {**worker_section(topics, 0), "processing_guarantee": guarantee},
         }
     )
+
+
+def worker_section(topics: Topics, http_port: int) -> dict[str, Any]:
+    """The bench worker's `worker` settings: its topics and group, short group timeouts, its HTTP port."""
+    return {
+        "input_topics": [topics.input],
+        "output_topic": topics.output,
+        "metrics_topic": topics.metrics,
+        "dlq_topic": topics.dlq,
+        "group_id": topics.group,
+        "session_timeout_ms": 6000,
+        "heartbeat_interval_ms": 1000,
+        "http_host": "127.0.0.1",
+        "http_port": http_port,
+        "worker_id": f"bench-{topics.group}",
+    }
 
 
 def read_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> list[Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -381,6 +381,18 @@ class RecordingMemory(DetectionMemory):
         super().forget_partitions(partitions)
 
 
+def revoke_during_the_first_flush(finder: RecordingDetector, partition: int) -> Callable[[FakeKafka], None]:
+    """A flush hook revoking `partition` during the first flush, once batch 2's prepare began (so the memory is
+    remembering its frames then)."""
+
+    def revoke(fake: FakeKafka) -> None:
+        if fake.flushes == 0:
+            assert finder.wait_for_call(2), "batch 2's prepare began"
+            fake.revoke([TopicPartition(INPUT, partition)])
+
+    return revoke
+
+
 def test_a_revoke_drops_the_batch_ahead_that_holds_its_partitions_and_rereads_the_rest() -> None:
     kafka = FakeKafka(partitions=3)
     feed(kafka, 0, 2)
@@ -388,12 +400,7 @@ def test_a_revoke_drops_the_batch_ahead_that_holds_its_partitions_and_rereads_th
     feed(kafka, 2, 3)  # batch 1: p0 s0-1, p1 s0-1; batch ahead: p1 s2, p2 s0-2
     finder, memory = RecordingDetector(), RecordingMemory()
 
-    def revoke_during_the_first_flush(fake: FakeKafka) -> None:
-        if fake.flushes == 0:
-            assert finder.wait_for_call(2), "batch 2's prepare began"  # so it is remembering frames now
-            fake.revoke([TopicPartition(INPUT, 2)])
-
-    kafka.on_flush = revoke_during_the_first_flush
+    kafka.on_flush = revoke_during_the_first_flush(finder, 2)
     with structlog.testing.capture_logs() as logs:
         run(kafka, config(), worker_pipeline(finder, memory))
 
@@ -415,12 +422,7 @@ def test_a_revoke_of_other_partitions_keeps_the_batch_ahead() -> None:
 
     finder, memory = RecordingDetector(), RecordingMemory()
 
-    def revoke_during_the_first_flush(fake: FakeKafka) -> None:
-        if fake.flushes == 0:
-            assert finder.wait_for_call(2), "batch 2's prepare began"  # so it is remembering frames now
-            fake.revoke([TopicPartition(INPUT, 0)])
-
-    kafka.on_flush = revoke_during_the_first_flush
+    kafka.on_flush = revoke_during_the_first_flush(finder, 0)
     run(kafka, config(), worker_pipeline(finder, memory))
 
     assert kafka.seeks == [] and len(finder.calls) == 2, "nothing dropped or read again"
