@@ -12,6 +12,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,10 @@ import torch
 
 from veilstream.anonymizers.filters import GaussianBlur
 from veilstream.anonymizers.regions import Region, region_mask
-from veilstream.config import BUILTIN_CLASSIFIERS, ClassifierConfig
+from veilstream.config import BUILTIN_CLASSIFIERS, ClassifierConfig, CorrectionConfig
 from veilstream.correction.classifier import Ensemble
 from veilstream.correction.corrector import AdaptiveCorrector, CorrectionSettings
-from veilstream.correction.loading import build_classifier
+from veilstream.correction.loading import build_classifier, correction_settings
 from veilstream.correction.saliency import salient_window
 from veilstream.decoding.files import file_items
 from veilstream.decoding.images import Frame
@@ -165,7 +166,7 @@ def main() -> None:
         )
     case = real_case(args.media, args.video_step, ensembles["lite0"])
     steps = {
-        "default step": CorrectionSettings(time_budget_ms=None),
+        "default step": replace(correction_settings(CorrectionConfig()), time_budget_ms=None),
         "paper step": CorrectionSettings(
             alpha=0.1, step="max", through_codec=False, members="all", time_budget_ms=None
         ),

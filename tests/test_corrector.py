@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from veilstream.correction.corrector import AdaptiveCorrector, CorrectionSetting
 from veilstream.correction.saliency import salient_window
 from veilstream.correction.steps import GradientPoint, seen_by_classifier
 from veilstream.decoding.images import Frame
-from veilstream.publishing.encoding import Encoder
+from veilstream.geometry import BoxGeometry
+from veilstream.publishing.encoding import Encoded, Encoder, Pixels
 
 from .conftest import noise_frames, tiny_classifier, video_frame
 
@@ -284,7 +286,111 @@ def test_gradient_point_sees_the_published_pixels(point: GradientPoint) -> None:
         assert torch.count_nonzero(gradient[:, :, 80:]) == 0, "outside the region's JPEG blocks nothing moves"
 
 
-@pytest.mark.parametrize("bad", [{"alpha": 0.0}, {"max_change": 300}, {"max_iterations": -1}])
-def test_settings_are_validated(bad: dict[str, float]) -> None:
+@pytest.mark.parametrize(
+    "bad",
+    [{"alpha": 0.0}, {"max_change": 300}, {"max_iterations": -1}, {"step_scales": ()}, {"step_scales": (1.0, -2.0)}],
+)
+def test_settings_are_validated(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         CorrectionSettings(**bad)  # type: ignore[arg-type]
+
+
+def test_several_step_scales_need_the_published_check() -> None:
+    with pytest.raises(ValueError, match="stop: published"):
+        CorrectionSettings(step_scales=(1.0, 2.0), stop="float")
+
+
+def test_a_line_search_needs_fewer_steps_and_keeps_the_smallest_scale_that_works() -> None:
+    """step_scales tries each multiple of the step on the published bytes and keeps the smallest that restores
+    the decision: frames one plain step fixes come out identical, the others need fewer gradient steps."""
+    ensemble = Ensemble([tiny_classifier()])
+    case = _flipped(ensemble, masked_case(count=48, seed=5))
+    plain = CorrectionSettings(alpha=0.05, step="max", through_codec=False, max_change=128, time_budget_ms=None)
+    encoder = _CountingEncoder()
+    searched = AdaptiveCorrector(ensemble, replace(plain, step_scales=(1.0, 2.0, 4.0)), encoder=encoder)
+    one = AdaptiveCorrector(ensemble, plain).correct(*case)
+    many = searched.correct(*case)
+    assert all(r.consistent for r in many), [r.stop_reason for r in many]
+    reference, _ = ensemble.decide([_tensor(f) for f in case[0]])
+    published, _ = ensemble.decide([_tensor(r.encoded.decoded) for r in many])
+    assert torch.equal(reference, published)
+    single_step = [k for k, r in enumerate(one) if r.iterations == 1]
+    assert single_step, "the test needs frames one plain step fixes"
+    for k in single_step:
+        assert many[k].iterations == 1 and np.array_equal(many[k].pixels, one[k].pixels)
+    assert sum(r.iterations for r in many) < sum(r.iterations for r in one)
+    # One batched check of three candidates per step, and no second check of the kept one.
+    steps = sum(r.iterations for r in many)
+    assert encoder.roundtrips == len(many) + 3 * steps
+
+
+class _CountingEncoder(Encoder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.roundtrips = 0
+
+    def roundtrip(self, frame: Pixels) -> Encoded:
+        self.roundtrips += 1
+        return super().roundtrip(frame)
+
+
+class _FindsWhatMoved:
+    """A fake detector: finds `box` on a published frame whenever its pixels there differ from the uncorrected
+    frame's published pixels (`always`: on every frame, the uncorrected ones too)."""
+
+    def __init__(self, naive: list[Frame], box: Region, always: bool = False) -> None:
+        self.naive, self.box, self.always = naive, box, always
+        self.calls = 0
+
+    def __call__(self, positions: Sequence[int], published: Sequence[Frame]) -> list[list[BoxGeometry]]:
+        self.calls += 1
+        x1, y1, x2, y2 = int(self.box.x1), int(self.box.y1), int(self.box.x2), int(self.box.y2)
+        return [
+            [self.box] if self.always or not np.array_equal(p[y1:y2, x1:x2], self.naive[k][y1:y2, x1:x2]) else []
+            for k, p in zip(positions, published, strict=True)
+        ]
+
+
+def test_what_the_correction_makes_detectable_goes_back_to_its_anonymized_pixels() -> None:
+    ensemble = Ensemble([tiny_classifier()])
+    originals, anonymized, masks = _flipped(ensemble, masked_case())
+    naive = [Encoder().roundtrip(a).decoded for a in anonymized]
+    left_half = Region(24, 16, 48, 48)  # of the masked box (24, 16, 72, 48)
+    finder = _FindsWhatMoved(naive, left_half)
+    settings = CorrectionSettings(max_change=128, time_budget_ms=None)
+    results = AdaptiveCorrector(ensemble, settings).correct(originals, anonymized, masks, finder)
+    assert finder.calls > 0
+    for result, anon in zip(results, anonymized, strict=True):
+        assert np.array_equal(result.pixels[16:48, 24:48], anon[16:48, 24:48]), "the found box was put back"
+        assert result.consistent or result.stop_reason in ("found_again", "iteration_budget")
+    assert any(r.consistent and r.iterations > 0 for r in results), "the rest of the region still corrects"
+    # Without the guard the correction moves pixels in that box.
+    unguarded = AdaptiveCorrector(ensemble, settings).correct(originals, anonymized, masks)
+    assert any(
+        not np.array_equal(r.pixels[16:48, 24:48], a[16:48, 24:48]) for r, a in zip(unguarded, anonymized, strict=True)
+    )
+
+
+def test_what_was_found_before_the_correction_is_not_its_doing() -> None:
+    """A box found on the uncorrected frame too is the anonymizer's: the correction keeps its pixels there."""
+    ensemble = Ensemble([tiny_classifier()])
+    originals, anonymized, masks = _flipped(ensemble, masked_case())
+    finder = _FindsWhatMoved([], Region(24, 16, 48, 48), always=True)
+    settings = CorrectionSettings(max_change=128, time_budget_ms=None)
+    guarded = AdaptiveCorrector(ensemble, settings).correct(originals, anonymized, masks, finder)
+    plain = AdaptiveCorrector(ensemble, settings).correct(originals, anonymized, masks)
+    assert finder.calls > 0
+    for g, p in zip(guarded, plain, strict=True):
+        assert np.array_equal(g.pixels, p.pixels) and g.stop_reason == p.stop_reason
+
+
+def test_the_salient_window_of_several_classifiers_counts_each_of_them() -> None:
+    """One classifier: its own window. Several: each one's map counts equally, so their order does not matter
+    (the window used to come from the first one only)."""
+    first, second = tiny_classifier("a", seed=1), tiny_classifier("b", seed=2)
+    frames = [_tensor(f) for f in noise_frames(6, seed=8)]
+    for frame in frames:
+        assert salient_window([first, first], frame, 12) == salient_window(first, frame, 12)
+        assert salient_window([first, second], frame, 12) == salient_window([second, first], frame, 12)
+    alone = [salient_window(first, f, 12) for f in frames]
+    assert alone != [salient_window([first, second], f, 12) for f in frames], "the second classifier must count"

@@ -200,3 +200,46 @@ def test_leak_check_runs_only_the_backends_of_the_anonymized_kinds() -> None:
     assert plates.frames_seen == 0, "no plate was anonymized: the plate backend does not run"
     assert [d.kind for d in outcome.residual] == ["face"]
     assert detector.detect_kinds(noise_frames(1, seed=6), None) == detector.detect(noise_frames(1, seed=6))
+
+
+LEFT_HALF = Detection(20, 10, 40, 40, 0.9, "face")
+
+
+class FindsMovedPixels:
+    """Finds BOX on raw frames (noise); on published ones, a face in BOX's left half wherever its pixels moved off
+    the mask's 0 (measured inside JPEG blocks of that half only, so the other half's changes do not bleed in)."""
+
+    def detect(self, frames: Sequence[Frame]) -> list[list[Detection]]:
+        found: list[list[Detection]] = []
+        for frame in frames:
+            if frame[10:40, 20:60].mean() > 60:
+                found.append([BOX])
+            else:
+                found.append([LEFT_HALF] if np.abs(frame[16:40, 24:32].astype(int)).mean() > 2 else [])
+        return found
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_the_guard_keeps_the_correction_from_making_an_anonymized_face_detectable(guard: bool) -> None:
+    detector = FindsMovedPixels()
+    settings = CorrectionSettings(max_change=96, time_budget_ms=None)
+    encoder = Encoder()
+    pipeline = Pipeline(
+        DetectorRegionFinder(detector),
+        SolidMask(value=0),
+        encoder,
+        AdaptiveCorrector(Ensemble([tiny_classifier()]), settings, encoder=encoder),
+        FailurePolicy("drop", "flag", guard_correction=guard),
+        leak_detector=detector,
+    )
+    outcomes = pipeline.process(noise_frames(12, seed=4))
+    stepped = [o for o in outcomes if isinstance(o, Published) and o.correction and o.correction.iterations]
+    assert len(stepped) >= 3, "the test needs frames the correction steps"
+    found_again = [o for o in outcomes if isinstance(o, Published) and o.residual]
+    if guard:
+        assert found_again == []
+        for outcome in stepped:
+            assert outcome.correction is not None
+            assert np.array_equal(outcome.correction.pixels[10:40, 20:40], np.zeros((30, 20, 3), np.uint8))
+    else:
+        assert found_again, "without the guard the correction's steps are found again"

@@ -12,8 +12,9 @@ from veilstream.config import VeilstreamConfig
 from veilstream.decoding.images import Frame
 from veilstream.detectors.base import Detection
 from veilstream.detectors.centerface import CenterFaceDetector
-from veilstream.detectors.combined import CombinedDetector
-from veilstream.detectors.windows import Window, windows_around, worth_windows
+from veilstream.detectors.combined import CONFIRM_MARGIN, CombinedDetector
+from veilstream.detectors.memory import FrameKey
+from veilstream.detectors.windows import Window, windows_around, windows_on_grid, worth_windows
 from veilstream.factory import build_pipeline
 
 from .conftest import read_rgb, video_frame
@@ -50,6 +51,23 @@ def test_a_frame_too_small_to_align_gets_the_whole_side() -> None:
     assert window == Window(0, 0, 32, 20)
 
 
+def test_grid_windows_have_their_edges_on_the_grid_and_cover_each_box_with_its_margin() -> None:
+    boxes = [_box(100.5, 50, 130, 90), _box(150, 60, 170, 80), _box(700, 500, 760, 570)]
+    windows = windows_on_grid(boxes, 768, 570, margin=40, grid=32)
+    assert len(windows) == 2  # the first two boxes' windows overlap: joined
+    assert not any(a.overlaps(b) for i, a in enumerate(windows) for b in windows[i + 1 :])
+    for window in windows:
+        assert all(edge % 32 == 0 or edge in (768, 570) for edge in window)
+    for box in boxes:
+        assert any(
+            w.x1 <= max(0, box.x1 - 40)
+            and w.x2 >= min(768, box.x2 + 40)
+            and w.y1 <= max(0, box.y1 - 40)
+            and w.y2 >= min(570, box.y2 + 40)
+            for w in windows
+        )
+
+
 def test_windows_are_worth_it_only_under_half_the_frame() -> None:
     assert worth_windows([Window(0, 0, 64, 64)], 768, 576)
     assert not worth_windows([Window(0, 0, 768, 300)], 768, 576)
@@ -58,6 +76,16 @@ def test_windows_are_worth_it_only_under_half_the_frame() -> None:
 @pytest.fixture(scope="module")
 def centerface() -> CenterFaceDetector:
     return CenterFaceDetector(scales=(2.0,), max_input_side=1920)
+
+
+def test_centerface_windows_are_on_its_grid_only_where_every_pass_resizes_by_a_whole_factor(
+    centerface: CenterFaceDetector,
+) -> None:
+    assert centerface.window_grid(768, 576) == 32  # 2x: 1536 x 1152
+    assert centerface.window_grid(1920, 1080) is None  # 1920 x 1088: not one factor
+    assert centerface.window_grid(810, 1080) is None
+    fixed = CenterFaceDetector(in_size=(640, 480))
+    assert fixed.window_grid(768, 576) is None
 
 
 @pytest.mark.parametrize("name", PHOTOS)
@@ -94,6 +122,26 @@ class _Windowed:
         return [list(self.screen) for _ in frames]
 
 
+class _GridWindowed(_Windowed):
+    """The fake with a grid: a flagged frame is confirmed in its windows (`detect_windows` at threshold None)."""
+
+    def __init__(self, screen: list[Detection], whole: list[Detection], confirmed: list[Detection]) -> None:
+        super().__init__(screen, whole)
+        self.confirmed = confirmed
+        self.confirm_windows: list[Sequence[Window]] = []
+
+    def window_grid(self, width: int, height: int) -> int | None:
+        return 32
+
+    def detect_windows(
+        self, frames: Sequence[Frame], windows: Sequence[Sequence[Window]], threshold: float | None = None
+    ) -> list[list[Detection]]:
+        if threshold is not None:
+            return super().detect_windows(frames, windows, threshold)
+        self.confirm_windows.extend(windows)
+        return [list(self.confirmed) for _ in frames]
+
+
 def _frame() -> Frame:
     import numpy as np
 
@@ -117,6 +165,30 @@ def test_a_frame_whose_screen_finds_nothing_on_its_boxes_skips_the_whole_frame_p
     detector = CombinedDetector([backend], padding={"face": 0.0})  # type: ignore[list-item]
     assert detector.detect_kinds([_frame()], [{"face"}], [anonymized]) == [[]]
     assert backend.whole_runs == 0
+
+
+def test_a_flagged_frame_is_confirmed_in_grid_windows_at_the_detectors_threshold() -> None:
+    anonymized = [_box(300, 200, 360, 260)]
+    confirmed = [_box(322, 222, 338, 238)]
+    backend = _GridWindowed(screen=[_box(320, 220, 340, 240)], whole=[_box(0, 0, 10, 10)], confirmed=confirmed)
+    detector = CombinedDetector([backend], padding={"face": 0.0})  # type: ignore[list-item]
+    assert detector.detect_kinds([_frame()], [{"face"}], [anonymized]) == [confirmed]
+    assert backend.whole_runs == 0
+    (windows,) = backend.confirm_windows
+    assert windows == windows_on_grid(anonymized, 768, 576, CONFIRM_MARGIN, 32)
+    margin = CombinedDetector([backend], padding={"face": 0.0}, confirm_margin=None)  # type: ignore[list-item]
+    assert margin.detect_kinds([_frame()], [{"face"}], [anonymized]) == [[_box(0, 0, 10, 10)]]
+    assert backend.whole_runs == 1
+
+
+def test_a_flagged_frame_whose_confirmation_windows_cover_half_of_it_gets_the_whole_frame_pass() -> None:
+    anonymized = [_box(100, 100, 140, 140), _box(600, 100, 640, 140), _box(350, 400, 390, 440)]  # > half
+    backend = _GridWindowed(screen=[_box(110, 110, 130, 130)], whole=[_box(0, 0, 10, 10)], confirmed=[])
+    detector = CombinedDetector([backend], padding={"face": 0.0})  # type: ignore[list-item]
+    windows = windows_on_grid(anonymized, 768, 576, CONFIRM_MARGIN, 32)
+    assert not worth_windows(windows, 768, 576)
+    assert detector.detect_kinds([_frame()], [{"face"}], [anonymized]) == [[_box(0, 0, 10, 10)]]
+    assert backend.whole_runs == 1 and backend.confirm_windows == []
 
 
 def test_without_boxes_to_look_around_or_when_windows_cost_more_the_whole_frame_is_used() -> None:
@@ -147,9 +219,60 @@ def test_around_flags_the_same_residuals_as_the_whole_frame(media: Path, anonymi
     frames = _vtest(media, 12, 25, 11)
     prepared = pipeline.prepare(frames)
     pipeline.residual_scope = "frame"
-    whole = [[(d.x1, d.y1, d.x2, d.y2) for d in o.residual] for o in pipeline.finish(prepared)]
+    whole = [sorted((d.x1, d.y1, d.x2, d.y2) for d in o.residual) for o in pipeline.finish(prepared)]
     pipeline.residual_scope = "around"
-    around = [[(d.x1, d.y1, d.x2, d.y2) for d in o.residual] for o in pipeline.finish(prepared)]
-    assert around == whole
+    around = [sorted((d.x1, d.y1, d.x2, d.y2) for d in o.residual) for o in pipeline.finish(prepared)]
+    # The same boxes; a confirmation in windows computes them in other sums (differences of ~1e-5 px).
+    assert [len(boxes) for boxes in around] == [len(boxes) for boxes in whole]
+    for by_windows, by_frame in zip(around, whole, strict=True):
+        assert [c for box in by_windows for c in box] == pytest.approx([c for box in by_frame for c in box], abs=0.01)
     if anonymizer["kind"] == "pixelate":
         assert sum(map(len, whole)) > 0, "no residual to compare: the weak anonymizer should leave some"
+
+
+class _Recording:
+    """Wraps a CenterFace detector's `detect_windows`: counts the confirmations (threshold None) per frame."""
+
+    def __init__(self, centerface: CenterFaceDetector) -> None:
+        self.original = centerface.detect_windows
+        self.confirmed_frames = 0
+
+    def __call__(
+        self, frames: Sequence[Frame], windows: Sequence[Sequence[Window]], threshold: float | None = None
+    ) -> list[list[Detection]]:
+        if threshold is None:
+            self.confirmed_frames += len(frames)
+        return self.original(frames, windows, threshold)
+
+
+@pytest.mark.parametrize(
+    "anonymizer",
+    [
+        {"kind": "blur", "relative_sigma": 0.1},  # weak: faces are found again
+        {"kind": "pixelate", "blocks": 16},
+    ],
+)
+def test_confirmations_in_windows_flag_every_residual_the_whole_frame_flags(
+    media: Path, anonymizer: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Consecutive frames with the detection memory (its remembered boxes are where faces are found again),
+    weak anonymizers: the windows must flag each residual box the whole frame flags, on frames they confirm."""
+    config = VeilstreamConfig.model_validate({"correction": {"enabled": False}, "anonymizer": anonymizer})
+    pipeline = build_pipeline(config)
+    assert isinstance(pipeline.leak_detector, CombinedDetector)
+    centerface = pipeline.leak_detector.detectors[0]
+    assert isinstance(centerface, CenterFaceDetector)
+    first = 150
+    frames = [video_frame(media / "vtest.avi", first + k) for k in range(12)]
+    prepared = pipeline.prepare(frames, [FrameKey("vtest", first + k) for k in range(len(frames))])
+    pipeline.residual_scope = "frame"
+    whole = [o.residual for o in pipeline.finish(prepared)]
+    recording = _Recording(centerface)
+    monkeypatch.setattr(centerface, "detect_windows", recording)
+    pipeline.residual_scope = "around"
+    around = [o.residual for o in pipeline.finish(prepared)]
+    assert recording.confirmed_frames >= 3, "too few frames confirmed in windows to compare"
+    assert sum(map(len, whole)) >= 3, "no residual to compare: the weak anonymizer should leave some"
+    for index, (by_frame, by_windows) in enumerate(zip(whole, around, strict=True)):
+        for box in by_frame:
+            assert any(box.iou(found) >= 0.9 for found in by_windows), (first + index, box, by_windows)

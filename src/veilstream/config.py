@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator, model_validator
 
 from veilstream.detectors.config import DetectorConfig
 from veilstream.errors import ConfigError
@@ -161,6 +161,23 @@ class CorrectionConfig(_Strict):
     members: Literal["changed", "all"] = Field(
         "changed", description="which classifiers steer a step: those whose published decision changed, or all"
     )
+    guard: bool = Field(
+        True,
+        description="the residual check's detector looks at every stepped frame before it is published; what the "
+        "correction made detectable goes back to its anonymized pixels (needs pipeline.residual_check)",
+    )
+    step_scales: list[PositiveFloat] = Field(
+        [1.0],
+        min_length=1,
+        description="a line search: each step times these scales is checked on the published bytes and the "
+        "smallest that restores every decision is kept (one gradient step; more checks)",
+    )
+
+    @model_validator(mode="after")
+    def _search_needs_published_check(self) -> CorrectionConfig:
+        if len(self.step_scales) > 1 and self.stop != "published":
+            raise ValueError("step_scales with several scales needs stop: published (they are tried on the bytes)")
+        return self
 
 
 class PublishConfig(_Strict):

@@ -60,7 +60,7 @@ def build_pipeline(
     memory = None
     if region == "salient":
         assert ensemble is not None
-        finder = SalientRegionFinder(ensemble.members[0], salient_size)
+        finder = SalientRegionFinder(tuple(ensemble.members), salient_size)
     else:
         detector = build_detector(config.detectors, device)
         finder = DetectorRegionFinder(detector, config.anonymizer.shape)
@@ -75,7 +75,12 @@ def build_pipeline(
         # After the detectors: ultralytics sets torch's thread count as a side effect of loading YOLO.
         torch.set_num_threads(config.torch_threads)
     corrector = build_corrector(config, ensemble, device) if correcting and ensemble is not None else None
-    policy = FailurePolicy(config.pipeline.on_failure, config.pipeline.residual_check, config.pipeline.residual_scope)
+    policy = FailurePolicy(
+        config.pipeline.on_failure,
+        config.pipeline.residual_check,
+        config.pipeline.residual_scope,
+        guard_correction=config.correction.guard,
+    )
     return Pipeline(
         finder,
         anonymizer,

@@ -22,3 +22,12 @@ class BoxGeometry:
     @property
     def area(self) -> float:
         return self.width * self.height
+
+    def iou(self, other: BoxGeometry) -> float:
+        """Intersection over union of the two boxes (a detection's kind is ignored)."""
+        iw = min(self.x2, other.x2) - max(self.x1, other.x1)
+        ih = min(self.y2, other.y2) - max(self.y1, other.y1)
+        if iw <= 0 or ih <= 0:
+            return 0.0
+        inter = iw * ih
+        return inter / (self.area + other.area - inter)

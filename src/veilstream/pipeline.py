@@ -28,6 +28,7 @@ from veilstream.detectors.finders import FoundRegions, RegionFinder, residual_de
 from veilstream.detectors.leakcheck import LeakCheck
 from veilstream.detectors.memory import DetectionMemory, FrameKey
 from veilstream.errors import FrameError, StageError
+from veilstream.geometry import BoxGeometry
 from veilstream.outcome import Dropped, FrameOutcome, Masked, Published
 from veilstream.publishing.encoding import Encoder
 
@@ -42,11 +43,18 @@ class FailurePolicy:
     """One policy for every failure. `residual`: look again for anonymized objects on the published frame;
     `flag` publishes and flags the frame, `fail` treats it as a failed frame (dropped or masked).
     `residual_scope`: `around` looks again only in windows around the anonymized objects where the detector
-    allows it (CenterFace: same pixels, same scale), `frame` runs the detectors on the whole frame."""
+    allows it (CenterFace: same pixels, same scale), `frame` runs the detectors on the whole frame.
+    `guard_correction`: the residual check's detector also looks at every frame the correction stepped before it
+    is published, and what the correction made detectable goes back to its anonymized pixels (needs `residual`)."""
 
     on_failure: OnFailure = "drop"
     residual: ResidualCheck = "flag"
     residual_scope: ResidualScope = "around"
+    guard_correction: bool = True
+
+
+# Per frame of a batch, the published pixels the correction's guard looked at and what it found there.
+Looked = dict[int, tuple[Frame, tuple[Detection, ...]]]
 
 
 @dataclass
@@ -174,10 +182,13 @@ class Pipeline:
         corrector = corrector or self.corrector
         ready = [i for i, a in enumerate(prepared.anonymized) if a is not None]
         stages: dict[int, dict[str, float]] = {i: dict(prepared.timings_ms) for i in range(len(prepared.originals))}
+        looked: Looked = {}
         encoded: dict[int, _Encoded | FrameError] = (
-            self._correct(prepared, ready, corrector, stages) if corrector else self._encode(prepared, ready, stages)
+            self._correct(prepared, ready, corrector, stages, looked)
+            if corrector
+            else self._encode(prepared, ready, stages)
         )
-        residual = self._leak_check(prepared, encoded, stages)
+        residual = self._leak_check(prepared, encoded, stages, looked)
         leaks = self._independent_check(prepared, encoded, stages)
         if self.leak_check is not None and self.leak_check.on_leak == "blur":
             prepared = self._blur_leaks(prepared, leaks, encoded, corrector, stages)
@@ -187,14 +198,28 @@ class Pipeline:
         ]
 
     def _correct(
-        self, prepared: Prepared, ready: list[int], corrector: AdaptiveCorrector, stages: dict[int, dict[str, float]]
+        self,
+        prepared: Prepared,
+        ready: list[int],
+        corrector: AdaptiveCorrector,
+        stages: dict[int, dict[str, float]],
+        looked: Looked,
     ) -> dict[int, _Encoded | FrameError]:
+        """`looked` gets what the correction's guard found on the published pixels it looked at."""
+
         def run(indices: Sequence[int]) -> list[object]:
+            def found_again(positions: Sequence[int], published: Sequence[Frame]) -> list[list[BoxGeometry]]:
+                found = self._residual([prepared.found[indices[p]] for p in positions], published)
+                looked.update((indices[p], (f, r)) for p, f, r in zip(positions, published, found, strict=True))
+                return [list(r) for r in found]
+
+            guarded = self.leak_detector is not None and self.policy.guard_correction
             return list(
                 corrector.correct(
                     [prepared.originals[i] for i in indices],
                     [prepared.anonymized[i] for i in indices],  # type: ignore[misc]
                     [prepared.masks[i] for i in indices],  # type: ignore[misc]
+                    found_again if guarded else None,
                 )
             )
 
@@ -228,9 +253,14 @@ class Pipeline:
         return results
 
     def _leak_check(
-        self, prepared: Prepared, encoded: dict[int, _Encoded | FrameError], stages: dict[int, dict[str, float]]
+        self,
+        prepared: Prepared,
+        encoded: dict[int, _Encoded | FrameError],
+        stages: dict[int, dict[str, float]],
+        looked: Looked,
     ) -> dict[int, tuple[Detection, ...] | FrameError]:
-        """Detect again on the published pixels; keep what lands on an anonymized object."""
+        """Detect again on the published pixels; keep what lands on an anonymized object. A frame the correction's
+        guard already looked at in these very pixels is not looked at twice."""
         if self.leak_detector is None:
             return {}
         # A frame with nothing anonymized has nothing to find again: skip it (same result, one detection less).
@@ -241,14 +271,27 @@ class Pipeline:
         ]
 
         def residual(indices: list[int], frames: list[Frame]) -> list[tuple[Detection, ...]]:
-            found = [prepared.found[i] for i in indices]
-            again = self._detect_again(frames, found)
-            return [
-                tuple(residual_detections(f.detections, a)) if isinstance(f, FoundRegions) else ()
-                for f, a in zip(found, again, strict=True)
-            ]
+            seen = {
+                k: looked[i][1] for k, (i, f) in enumerate(zip(indices, frames, strict=True)) if _same(looked, i, f)
+            }
+            todo = [k for k in range(len(indices)) if k not in seen]
+            fresh = (
+                self._residual([prepared.found[indices[k]] for k in todo], [frames[k] for k in todo]) if todo else []
+            )
+            seen.update(zip(todo, fresh, strict=True))
+            return [seen[k] for k in range(len(indices))]
 
         return _on_published(checked, residual, "residual_check", stages)
+
+    def _residual(
+        self, found: list[FoundRegions | FrameError], published: Sequence[Frame]
+    ) -> list[tuple[Detection, ...]]:
+        """Per frame, the detections on its published pixels that land on one of its anonymized objects."""
+        again = self._detect_again(list(published), found)
+        return [
+            tuple(residual_detections(f.detections, a)) if isinstance(f, FoundRegions) else ()
+            for f, a in zip(found, again, strict=True)
+        ]
 
     def _independent_check(
         self, prepared: Prepared, encoded: dict[int, _Encoded | FrameError], stages: dict[int, dict[str, float]]
@@ -295,7 +338,7 @@ class Pipeline:
         ready = [i for i in redo if again.anonymized[i] is not None]
         first = {i: dict(stages[i]) for i in redo}
         encoded.update(
-            self._correct(again, ready, corrector, stages) if corrector else self._encode(again, ready, stages)
+            self._correct(again, ready, corrector, stages, {}) if corrector else self._encode(again, ready, stages)
         )
         elapsed = (time.perf_counter() - start) * 1000 / len(redo)
         for i in redo:
@@ -358,6 +401,10 @@ class Pipeline:
                     detections, hits, timings, grey, error, remembered=remembered, leaks=possible, leak_checked=checked
                 )  # type: ignore[arg-type]
         return Dropped(detections, hits, timings, error, remembered=remembered, leaks=possible, leak_checked=checked)  # type: ignore[arg-type]
+
+
+def _same(looked: Looked, index: int, frame: Frame) -> bool:
+    return index in looked and looked[index][0] is frame
 
 
 def _on_published(

@@ -9,10 +9,11 @@ value, and batches where each frame stops on its own.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -21,11 +22,22 @@ import torch
 from veilstream.correction.classifier import Decision, Ensemble
 from veilstream.correction.steps import GradientPoint, seen_by_classifier
 from veilstream.decoding.images import Frame
+from veilstream.geometry import BoxGeometry
 from veilstream.publishing.encoding import Encoded, Encoder
 
 StopCriterion = Literal["published", "float"]
 StepKind = Literal["sign", "max"]
-StopReason = Literal["already_consistent", "corrected", "iteration_budget", "time_budget", "no_region"]
+StopReason = Literal["already_consistent", "corrected", "iteration_budget", "time_budget", "no_region", "found_again"]
+# A box found again on the corrected frame that overlaps one found on the uncorrected frame this much was there
+# before the correction (the anonymizer's, not the correction's).
+SAME_PLACE_IOU = 0.3
+
+
+class FoundAgain(Protocol):
+    """Anonymized objects a detector finds again on published pixels: per frame, the boxes (frame pixels) that
+    land on an anonymized one. `positions` are the frames' places in the batch given to `correct`."""
+
+    def __call__(self, positions: Sequence[int], published: Sequence[Frame]) -> list[list[BoxGeometry]]: ...
 
 
 @dataclass(frozen=True)
@@ -36,7 +48,10 @@ class CorrectionSettings:
     pixel by alpha (the steepest step under a bound on the largest change). `through_codec`: the gradient goes
     through a differentiable JPEG at the publish quality, so a step aims at what survives encoding.
     `members`: "changed" lets only the members whose published decision differs steer a step (the others are
-    not even run); "all" sums every member's loss. The defaults are what won on real frames (README)."""
+    not even run); "all" sums every member's loss. `step_scales`: a line search along each gradient step: the
+    step times each scale is tried on the published bytes (one batched check) and the smallest that leaves the
+    fewest decisions changed is kept; one gradient, so one iteration. The defaults are what won on real
+    frames (README)."""
 
     alpha: float = 0.03
     max_iterations: int = 100
@@ -46,8 +61,13 @@ class CorrectionSettings:
     step: StepKind = "sign"
     through_codec: bool = True
     members: Literal["changed", "all"] = "changed"
+    step_scales: tuple[float, ...] = (1.0,)
 
     def __post_init__(self) -> None:
+        if not self.step_scales or any(s <= 0 for s in self.step_scales):
+            raise ValueError(f"step_scales must be positive numbers, got {list(self.step_scales)}")
+        if len(self.step_scales) > 1 and self.stop != "published":
+            raise ValueError("step_scales with several scales needs stop: published (they are tried on the bytes)")
         if self.alpha <= 0:
             raise ValueError(f"alpha must be positive, got {self.alpha}")
         if self.max_iterations < 0:
@@ -90,7 +110,11 @@ class CorrectionResult:
 
 
 def _changed(a: tuple[Decision, ...], b: tuple[Decision, ...]) -> bool:
-    return any(x.index != y.index for x, y in zip(a, b, strict=True))
+    return _changed_count(a, b) > 0
+
+
+def _changed_count(a: tuple[Decision, ...], b: tuple[Decision, ...]) -> int:
+    return sum(x.index != y.index for x, y in zip(a, b, strict=True))
 
 
 def _check_frame(frame: Frame) -> None:
@@ -132,8 +156,15 @@ class AdaptiveCorrector:
         originals: Sequence[Frame],
         anonymized: Sequence[Frame],
         masks: Sequence[npt.NDArray[np.bool_]],
+        found_again: FoundAgain | None = None,
     ) -> list[CorrectionResult]:
-        """Correct a batch. `anonymized[i]` differs from `originals[i]` only where `masks[i]` is True."""
+        """Correct a batch. `anonymized[i]` differs from `originals[i]` only where `masks[i]` is True.
+
+        With `found_again`, a correction may not make an anonymized object detectable: a stepped frame about to
+        finish is looked at again, and where something is found that the uncorrected frame did not show, those
+        pixels go back to their anonymized values and leave the region; the frame then goes on without them (or,
+        out of budget or region, finishes on the reverted pixels, "found_again" when its decision stays changed).
+        """
         if not len(originals) == len(anonymized) == len(masks):
             raise ValueError("originals, anonymized and masks must have the same length")
         if not originals:
@@ -156,6 +187,11 @@ class AdaptiveCorrector:
         naive: dict[int, tuple[Decision, ...]] = {}
         active = list(range(len(anonymized)))
         last_step_ms = 0.0
+        # A line search checks the step it keeps already: that check is the next round's.
+        prechecked: dict[int, tuple[Encoded, tuple[Decision, ...]]] = {}
+        uncorrected: dict[int, Frame] = {}  # the published pixels before any step, of the frames stepped
+        seen_before: dict[int, list[BoxGeometry]] = {}  # found again there (looked at only when needed)
+        reverted: set[int] = set()  # frames with pixels put back because something was found again there
 
         def share(indices: Sequence[int], since: float) -> None:
             each = (time.perf_counter() - since) * 1000 / len(indices)
@@ -183,7 +219,9 @@ class AdaptiveCorrector:
         while active:
             check_start = time.perf_counter()
             frames = [pixels(i) for i in active]
-            checked = self._check(frames)
+            unchecked = [k for k, i in enumerate(active) if i not in prechecked]
+            fresh = iter(self._check([frames[k] for k in unchecked]) if unchecked else [])
+            checked = [prechecked.pop(i) if i in prechecked else next(fresh) for i in active]
             for i, (encoded, seen) in zip(active, checked, strict=True):
                 decoded[i] = encoded.decoded
                 original = self.ensemble.describe(reference, reference_confidence, i)
@@ -205,30 +243,80 @@ class AdaptiveCorrector:
             elapsed_ms = (time.perf_counter() - start) * 1000
             out_of_time = settings.time_budget_ms is not None and elapsed_ms + last_step_ms > settings.time_budget_ms
             still: list[int] = []
+            ending: list[tuple[int, StopReason, tuple[Encoded, tuple[Decision, ...]], Frame]] = []
             for i, ok, c, frame in zip(active, agree, checked, frames, strict=True):
                 if ok:
-                    finish(i, "already_consistent" if iterations[i] == 0 else "corrected", c, frame)
-                elif not masks[i].any():
-                    finish(i, "no_region", c, frame)  # nothing may change, so nothing can be corrected
+                    ending.append((i, "already_consistent" if iterations[i] == 0 else "corrected", c, frame))
+                elif not (stepping[i].region.any() if i in stepping else masks[i].any()):
+                    # nothing (more) may change, so nothing can be corrected
+                    ending.append((i, "found_again" if i in reverted else "no_region", c, frame))
                 elif iterations[i] >= settings.max_iterations:
-                    finish(i, "iteration_budget", c, frame)
+                    ending.append((i, "iteration_budget", c, frame))
                 elif out_of_time:
-                    finish(i, "time_budget", c, frame)
+                    ending.append((i, "time_budget", c, frame))
                 else:
                     still.append(i)
+            held: set[int] = set()  # reverted just now: checked again before any further step
+            if found_again is not None:
+                guard_start = time.perf_counter()
+                looked = [e for e in ending if e[0] in stepping]
+                ending = [e for e in ending if e[0] not in stepping]
+                news = self._new_finds(looked, found_again, uncorrected, seen_before)
+                for (i, reason, c, frame), new in zip(looked, news, strict=True):
+                    if not new:
+                        ending.append((i, reason, c, frame))
+                        continue
+                    stepping[i].revert(new)
+                    seen_before[i] = [*seen_before.get(i, []), *new]  # put back once: never a loop
+                    reverted.add(i)
+                    held.add(i)
+                    still.append(i)  # checked again next round: finishes there when out of budget or region
+                if looked:
+                    share([e[0] for e in looked], guard_start)
+            for i, reason, c, frame in ending:
+                finish(i, reason, c, frame)
             active = still
             if not active:
                 break
+            stepped = [i for i in active if i not in held]
+            if not stepped:
+                continue
             step_start = time.perf_counter()
-            for i in active:
-                if i not in stepping:
-                    stepping[i] = _Stepping.start(anonymized[i], masks[i], settings.max_change, self.device)
-            self._step(active, stepping, decoded, reference, changed_members)
-            for i in active:
+            fresh_frames = [i for i in stepped if i not in stepping]
+            for i in fresh_frames:
+                stepping[i] = _Stepping.start(anonymized[i], masks[i], settings.max_change, self.device)
+            uncorrected.update((i, decoded[i]) for i in fresh_frames)
+            moves = self._step(stepped, stepping, decoded, reference, changed_members)
+            if len(settings.step_scales) > 1:
+                prechecked = self._search(stepped, stepping, moves, reference, reference_confidence)
+            else:
+                for i, move in zip(stepped, moves, strict=True):
+                    stepping[i].move(move)
+            for i in stepped:
                 iterations[i] += 1
-            share(active, step_start)
+            share(stepped, step_start)
             last_step_ms = (time.perf_counter() - step_start) * 1000
         return [results[i] for i in range(len(anonymized))]
+
+    @staticmethod
+    def _new_finds(
+        ending: Sequence[tuple[int, StopReason, tuple[Encoded, tuple[Decision, ...]], Frame]],
+        found_again: FoundAgain,
+        uncorrected: dict[int, Frame],
+        seen_before: dict[int, list[BoxGeometry]],
+    ) -> list[list[BoxGeometry]]:
+        """Per ending stepped frame, what is found again on its published pixels and was not on its uncorrected
+        ones (the anonymizer's doing); those are looked at only for frames where something is found."""
+        if not ending:
+            return []
+        found = found_again([e[0] for e in ending], [e[2][0].decoded for e in ending])
+        unknown = [e[0] for e, boxes in zip(ending, found, strict=True) if boxes and e[0] not in seen_before]
+        if unknown:
+            seen_before.update(zip(unknown, found_again(unknown, [uncorrected[i] for i in unknown]), strict=True))
+        return [
+            [box for box in boxes if not any(box.iou(old) > SAME_PLACE_IOU for old in seen_before.get(e[0], []))]
+            for e, boxes in zip(ending, found, strict=True)
+        ]
 
     def _check(self, frames: Sequence[Frame]) -> list[tuple[Encoded, tuple[Decision, ...]]]:
         """Encode each frame as the publish stage will; the decisions are on the decoded bytes."""
@@ -243,7 +331,9 @@ class AdaptiveCorrector:
         decoded: Sequence[Frame],
         reference: torch.Tensor,
         changed_members: Sequence[Sequence[bool]],
-    ) -> None:
+    ) -> list[torch.Tensor | None]:
+        """One step per active frame: the change to add to its pixels (before bounds), None when the gradient
+        is zero in the region."""
         settings = self.settings
         inputs = [stepping[i].current.detach().requires_grad_(True) for i in active]
         # The codec view models JPEG; for PNG and WebP the gradient is taken at the published pixels.
@@ -263,15 +353,41 @@ class AdaptiveCorrector:
             weights = torch.tensor([list(changed_members[i]) for i in active], device=self.device).T.float()
         loss = self.ensemble.loss(seen, reference[:, list(active)], weights).sum()
         gradients = torch.autograd.grad(loss, inputs)
+        moves: list[torch.Tensor | None] = []
         with torch.no_grad():
             for i, gradient in zip(active, gradients, strict=True):
-                state = stepping[i]
-                masked = gradient * state.region
+                masked = gradient * stepping[i].region
                 direction = masked.sign() if settings.step == "sign" else masked
                 peak = direction.abs().max()
-                if peak > 0:
-                    moved = state.current - self.step * direction / peak
-                    state.current = torch.minimum(torch.maximum(moved, state.low), state.high)
+                moves.append(-self.step * direction / peak if peak > 0 else None)
+        return moves
+
+    def _search(
+        self,
+        active: Sequence[int],
+        stepping: dict[int, _Stepping],
+        moves: Sequence[torch.Tensor | None],
+        reference: torch.Tensor,
+        reference_confidence: torch.Tensor,
+    ) -> dict[int, tuple[Encoded, tuple[Decision, ...]]]:
+        """Try each step scale on the published bytes in one check; keep the smallest that leaves the fewest
+        decisions changed (none, when one restores them all). Returns the kept candidates' checks."""
+        scales = sorted(self.settings.step_scales)
+        tries: list[tuple[int, torch.Tensor]] = []
+        for i, move in zip(active, moves, strict=True):
+            state = stepping[i]
+            tries += [(i, state.bounded(move * scale if move is not None else None)) for scale in scales]
+        checked = self._check([_to_frame(candidate) for _, candidate in tries])
+        kept: dict[int, tuple[Encoded, tuple[Decision, ...]]] = {}
+        for k, i in enumerate(active):
+            original = self.ensemble.describe(reference, reference_confidence, i)
+            options = range(k * len(scales), (k + 1) * len(scales))
+            # The smallest scale among those leaving the fewest decisions changed: the step that restores all
+            # when one does, and no needless jump (pixels drift further with every large step) when none does.
+            chosen = min(options, key=lambda j: _changed_count(original, checked[j][1]))
+            stepping[i].current = tries[chosen][1]
+            kept[i] = checked[chosen]
+        return kept
 
 
 @dataclass
@@ -287,6 +403,24 @@ class _Stepping:
     @classmethod
     def start(cls, anonymized: Frame, mask: npt.NDArray[np.bool_], max_change: int, device: torch.device) -> _Stepping:
         anon = _to_tensor(anonymized, device)
-        region = torch.from_numpy(np.ascontiguousarray(mask)).to(device).unsqueeze(0)
+        region = torch.from_numpy(np.array(mask, dtype=bool)).to(device).unsqueeze(0)  # a copy: it may shrink
         low, high = (anon - max_change).clamp_min(0), (anon + max_change).clamp_max(255)
         return cls(anon, region, low, high, anon.clone())
+
+    def bounded(self, move: torch.Tensor | None) -> torch.Tensor:
+        """The current pixels plus `move`, inside the bounds."""
+        if move is None:
+            return self.current
+        return torch.minimum(torch.maximum(self.current + move, self.low), self.high)
+
+    def move(self, move: torch.Tensor | None) -> None:
+        self.current = self.bounded(move)
+
+    def revert(self, boxes: Sequence[BoxGeometry]) -> None:
+        """Put the pixels of `boxes` back to their anonymized values and take them out of the region."""
+        height, width = self.region.shape[1:]
+        for box in boxes:
+            x1, y1 = max(0, math.floor(box.x1)), max(0, math.floor(box.y1))
+            x2, y2 = min(width, math.ceil(box.x2)), min(height, math.ceil(box.y2))
+            self.region[:, y1:y2, x1:x2] = False
+            self.current[:, y1:y2, x1:x2] = self.anon[:, y1:y2, x1:x2]

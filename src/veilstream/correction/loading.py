@@ -178,4 +178,5 @@ def correction_settings(correction: CorrectionConfig) -> CorrectionSettings:
         step=correction.step,
         through_codec=correction.through_codec,
         members=correction.members,
+        step_scales=tuple(correction.step_scales),
     )

@@ -83,15 +83,6 @@ class Detection(BoxGeometry):
             self.kind,
         )
 
-    def iou(self, other: Detection) -> float:
-        """Intersection over union of the two boxes (kind is ignored)."""
-        iw = min(self.x2, other.x2) - max(self.x1, other.x1)
-        ih = min(self.y2, other.y2) - max(self.y1, other.y1)
-        if iw <= 0 or ih <= 0:
-            return 0.0
-        inter = iw * ih
-        return inter / (self.area + other.area - inter)
-
 
 @runtime_checkable
 class Detector(Protocol):

@@ -242,6 +242,16 @@ class CenterFaceDetector:
                 sizes.append(size)
         return sizes
 
+    def window_grid(self, width: int, height: int) -> int | None:
+        """The grid (frame pixels) on which `detect_windows` sees a `width` x `height` frame's windows as its
+        whole-frame passes see them: where every pass resizes the frame by one whole factor, a window with its
+        edges on multiples of the network's alignment meets the network's strides where the whole frame does.
+        None where some pass resizes by another factor (`in_size`, sides that are not multiples of 32)."""
+        for net_w, net_h in self.pass_sizes(width, height):
+            if net_w % width or net_h % height or net_w // width != net_h // height:
+                return None
+        return _ALIGN
+
     def detect(self, frames: Sequence[Frame]) -> list[list[Detection]]:
         """Face boxes in each frame's pixels."""
         check_frames(frames)

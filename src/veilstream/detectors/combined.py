@@ -10,16 +10,24 @@ import cv2
 import numpy as np
 
 from veilstream.detectors.base import KINDS, Detection, Detector, Frame, Kind, check_frames
-from veilstream.detectors.windows import Window, windows_around, worth_windows
+from veilstream.detectors.windows import Window, windows_around, windows_on_grid, worth_windows
 
 # Faces get their own size on each side: hair and ears identify too. At 0.15 CenterFace found 5 of 43 blurred
 # heads again on 40 vtest.avi frames; since its 2x pass finds 5-10 px heads, 0.5 still let it find heads whose
 # hair reached past the box on 205 of 803 sample frames (0 of the first 48 at 1.0).
 DEFAULT_PADDING: Mapping[Kind, float] = {"face": 1.0, "plate": 0.1}
-# A screened box this much inside an anonymized box sends its frame to the whole-frame pass (the residual check
+# A screened box this much inside an anonymized box sends its frame to the confirmation below (the residual check
 # itself counts 0.3: the screen is looser, as its scores are). With the screen at 0.35x the threshold it flagged
 # every frame the whole-frame check flagged in 320 checks (4 anonymizers x 80 vtest frames); at 0.5x it missed 1.
 SCREEN_OVERLAP = 0.2
+# A screened frame's whole-frame pass runs instead in windows this many pixels around its anonymized boxes, with
+# edges on the detector's grid (`window_grid`), at its own threshold, where they cover under half the frame.
+# Against the whole frame (CenterFace 2x, JPEG q90; blur relative_sigma 0.5/0.2/0.1/0.04, pixelate 8/16, the
+# default corrected; 159 vtest.avi frames with memory + 7 photos: 1,075 checks): at 128 px no residual missed,
+# none added (the windows covered half the frame or more in 795 checks: whole frame); at 96 px one face missed
+# under two weak blurs, at 64 px 3; windows off the grid missed 13 of 87 x 8 at 128 px. A threshold lowered to
+# 0.9x added 233 residuals and lost 2 (merged into a box no longer on the anonymized one).
+CONFIRM_MARGIN = None
 
 
 def merge_overlapping(detections: Iterable[Detection], iou_threshold: float) -> list[Detection]:
@@ -76,6 +84,7 @@ class CombinedDetector:
         max_side: int | None = 1920,
         check: BoxCheck | None = None,
         screen_factor: float = 0.35,
+        confirm_margin: int | None = CONFIRM_MARGIN,
     ) -> None:
         if not detectors:
             raise ValueError("CombinedDetector needs at least one detector")
@@ -96,6 +105,9 @@ class CombinedDetector:
         if not 0.0 < screen_factor <= 1.0:
             raise ValueError(f"screen_factor must be in (0, 1], got {screen_factor!r}")
         self.screen_factor = screen_factor
+        if confirm_margin is not None and confirm_margin < 0:
+            raise ValueError(f"confirm_margin must be >= 0 or None, got {confirm_margin!r}")
+        self.confirm_margin = confirm_margin
 
     def detect(self, frames: Sequence[Frame]) -> list[list[Detection]]:
         """Post-processed detections of every detector, one list per frame."""
@@ -113,10 +125,11 @@ class CombinedDetector:
         `around` (per frame, boxes in frame pixels) is for checks that only care about those boxes (the
         residual check): a backend that can look in windows (`detect_windows`, a fully convolutional one) first
         screens windows around the boxes of its kinds at `screen_factor` times its threshold; a frame where no
-        screened box (padded) touches one of its `around` boxes gets no boxes from it, any other frame gets its
-        whole-frame detections. Scores near
-        the threshold depend on context outside a window, hence the lower threshold (the README has how often
-        the screen missed what the whole frame found: never, on the frames measured).
+        screened box (padded) touches one of its `around` boxes gets no boxes from it, any other frame gets what
+        the detector finds in windows `confirm_margin` pixels around those boxes on its grid where they cover
+        under half the frame (`_confirm`), else its whole-frame detections. Scores near the threshold depend on
+        context outside a window, hence the screen's lower threshold and the confirmation's wide margin (the
+        README and CONFIRM_MARGIN have how often each differed from the whole frame: never, on the frames measured).
         """
         check_frames(frames)
         if not frames:
@@ -161,12 +174,13 @@ class CombinedDetector:
         look_in_windows = getattr(detector, "detect_windows", None)
         if around is None or look_in_windows is None:
             return detector.detect([inputs[i] for i in wanted])
+        targets: dict[int, list[Detection]] = {}  # the `around` boxes of the detector's kinds, in input pixels
         windows: dict[int, list[Window]] = {}
         for i in wanted:
             small, frame = inputs[i], frames[i]
             sx, sy = frame.shape[1] / small.shape[1], frame.shape[0] / small.shape[0]
-            boxes = [d.scaled(1 / sx, 1 / sy) for d in around[i] if offered is None or d.kind in offered]
-            found = windows_around(boxes, small.shape[1], small.shape[0])
+            targets[i] = [d.scaled(1 / sx, 1 / sy) for d in around[i] if offered is None or d.kind in offered]
+            found = windows_around(targets[i], small.shape[1], small.shape[0])
             if worth_windows(found, small.shape[1], small.shape[0]):
                 windows[i] = found
         results: dict[int, list[Detection]] = {}
@@ -179,10 +193,36 @@ class CombinedDetector:
                 padded = [d.scaled(sx, sy).padded(self.padding.get(d.kind, 0.0)) for d in screened]
                 if not any(_inside(new, old) >= SCREEN_OVERLAP for new in padded for old in around[i]):
                     results[i] = []  # nothing screened lies on an anonymized box
+            flagged = [i for i in windows if i not in results]
+            results.update(self._confirm(detector, {i: targets[i] for i in flagged}, inputs))
         whole = [i for i in wanted if i not in results]
         if whole:
             results.update(zip(whole, detector.detect([inputs[i] for i in whole]), strict=True))
         return [results[i] for i in wanted]
+
+    def _confirm(
+        self, detector: Detector, targets: Mapping[int, Sequence[Detection]], inputs: Sequence[Frame]
+    ) -> dict[int, list[Detection]]:
+        """What `detector` finds, at its own threshold, in windows `confirm_margin` pixels around each frame's
+        `targets` on its grid, for the frames where those windows cover under half the frame; the other frames
+        are left out (the whole frame decides there)."""
+        window_grid = getattr(detector, "window_grid", None)
+        look_in_windows = getattr(detector, "detect_windows", None)
+        if self.confirm_margin is None or window_grid is None or look_in_windows is None:
+            return {}
+        windows: dict[int, list[Window]] = {}
+        for i, boxes in targets.items():
+            height, width = inputs[i].shape[:2]
+            grid: int | None = window_grid(width, height)
+            if grid is None:
+                continue
+            found = windows_on_grid(boxes, width, height, self.confirm_margin, grid)
+            if worth_windows(found, width, height):
+                windows[i] = found
+        if not windows:
+            return {}
+        seen: list[list[Detection]] = look_in_windows([inputs[i] for i in windows], list(windows.values()))
+        return dict(zip(windows, seen, strict=True))
 
     def postprocess(
         self, detections: Iterable[Detection], width: int, height: int, sx: float = 1.0, sy: float = 1.0

@@ -53,14 +53,14 @@ class DetectorRegionFinder:
 
 @dataclass(frozen=True)
 class SalientRegionFinder:
-    """The paper's simulation: the classifier's most salient `size` x `size` window."""
+    """The paper's simulation: the classifiers' most salient `size` x `size` window (all of them count)."""
 
-    classifier: Classifier
+    classifiers: tuple[Classifier, ...]
     size: int = 50
 
     def find(self, frames: Sequence[Frame]) -> list[FoundRegions]:
-        device = self.classifier.device
-        return [FoundRegions((salient_window(self.classifier, _tensor(f, device), self.size),)) for f in frames]
+        device = self.classifiers[0].device
+        return [FoundRegions((salient_window(self.classifiers, _tensor(f, device), self.size),)) for f in frames]
 
 
 def _tensor(frame: Frame, device: torch.device) -> torch.Tensor:

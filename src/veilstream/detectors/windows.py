@@ -9,7 +9,7 @@ pass resizes a window by exactly the factor it resizes the whole frame by.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from veilstream.geometry import BoxGeometry
@@ -63,6 +63,28 @@ def windows_around(
         y1, y2 = _aligned(max(0.0, box.y1 - pad), min(float(height), box.y2 + pad), height, align)
         if x2 > x1 and y2 > y1:
             windows.append(Window(x1, y1, x2, y2))
+    return _joined(windows, lambda union: _realign(union, width, height, align))
+
+
+def windows_on_grid(boxes: Iterable[BoxGeometry], width: int, height: int, margin: int, grid: int) -> list[Window]:
+    """Non-overlapping windows covering every box grown by `margin` pixels on each side, every edge on a
+    multiple of `grid` or on the frame's edge. Where a pass resizes the frame by a whole factor and `grid` times
+    it is a multiple of the network's alignment, the network sees a window's pixels on the same grid of
+    strides as in the whole frame, so away from the window's edges its features are the whole frame's
+    (centred windows, off that grid, moved near-threshold scores by up to 0.34 on vtest.avi)."""
+    windows: list[Window] = []
+    for box in boxes:
+        x1 = max(0, math.floor((box.x1 - margin) / grid) * grid)
+        y1 = max(0, math.floor((box.y1 - margin) / grid) * grid)
+        x2 = min(width, math.ceil((box.x2 + margin) / grid) * grid)
+        y2 = min(height, math.ceil((box.y2 + margin) / grid) * grid)
+        if x2 > x1 and y2 > y1:
+            windows.append(Window(x1, y1, x2, y2))
+    return _joined(windows, lambda union: union)  # a union of windows on the grid is on the grid
+
+
+def _joined(windows: list[Window], fit: Callable[[Window], Window]) -> list[Window]:
+    """Overlapping windows replaced by their union (passed through `fit`), until none overlap."""
     joined = True
     while joined:  # a union can reach windows it did not overlap before
         joined = False
@@ -70,7 +92,7 @@ def windows_around(
         for window in windows:
             for i, kept in enumerate(out):
                 if kept.overlaps(window):
-                    out[i] = _realign(kept.union(window), width, height, align)
+                    out[i] = fit(kept.union(window))
                     joined = True
                     break
             else:
