@@ -154,10 +154,10 @@ class CorrectionConfig(_Strict):
     time_budget_ms: float | None = Field(5000.0, gt=0)
     max_change: int = Field(48, ge=0, le=255, description="no pixel moves further from its anonymized value")
     stop: Literal["published", "float"] = "published"
-    # The paper's step stays the default: the sign step through the codec needs fewer iterations and smaller
-    # pixel changes, but its perturbation gave the face detector more blurred faces back (7 vs 4 on 80 frames).
-    step: Literal["sign", "max"] = Field("max", description="sign: every region pixel moves alpha; max: the paper's")
-    through_codec: bool = Field(False, description="take the gradient through a differentiable JPEG")
+    # Sign steps through the codec with a line search, guarded: on real frames fewer iterations (1.35 vs 1.91 for
+    # Lite0) and smaller changes (12 vs 27 levels) than the paper's step, and no face found again (README).
+    step: Literal["sign", "max"] = Field("sign", description="sign: every region pixel moves alpha; max: the paper's")
+    through_codec: bool = Field(True, description="take the gradient through a differentiable JPEG")
     members: Literal["changed", "all"] = Field(
         "changed", description="which classifiers steer a step: those whose published decision changed, or all"
     )
@@ -167,11 +167,19 @@ class CorrectionConfig(_Strict):
         "correction made detectable goes back to its anonymized pixels (needs pipeline.residual_check)",
     )
     step_scales: list[PositiveFloat] = Field(
-        [1.0],
+        [1.0, 2.0, 3.0],
         min_length=1,
         description="a line search: each step times these scales is checked on the published bytes and the "
         "smallest that restores every decision is kept (one gradient step; more checks)",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_scale_without_published_check(cls, data: Any) -> Any:
+        # The scales are tried on the published bytes, which `stop: float` does not check: one step at a time.
+        if isinstance(data, dict) and data.get("stop") == "float" and "step_scales" not in data:
+            return {**data, "step_scales": [1.0]}
+        return data
 
     @model_validator(mode="after")
     def _search_needs_published_check(self) -> CorrectionConfig:

@@ -35,13 +35,21 @@ __all__ = ["EvalSetting", "format_models", "format_table", "run_eval", "setting_
 def setting_correctors(
     config: VeilstreamConfig, pipeline: Pipeline, settings: Sequence[EvalSetting]
 ) -> dict[str, AdaptiveCorrector]:
-    """One corrector per setting: the pipeline's correction settings with the setting's alpha and stop."""
+    """One corrector per setting: the pipeline's correction settings with the setting's alpha and stop (one step
+    at a time for the float stop: a line search tries its steps on the published bytes)."""
     if pipeline.corrector is None:
         raise ConfigError("eval needs the classifiers: build the pipeline with need_classifiers=True")
     base = pipeline.corrector.settings
     ensemble = pipeline.corrector.ensemble
     return {
-        s.name: build_corrector(config, ensemble, str(pipeline.device), replace(base, alpha=s.alpha, stop=s.stop))
+        s.name: build_corrector(
+            config,
+            ensemble,
+            str(pipeline.device),
+            replace(
+                base, alpha=s.alpha, stop=s.stop, step_scales=base.step_scales if s.stop == "published" else (1.0,)
+            ),
+        )
         for s in settings
     }
 

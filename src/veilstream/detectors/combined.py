@@ -27,7 +27,7 @@ SCREEN_OVERLAP = 0.2
 # none added (the windows covered half the frame or more in 795 checks: whole frame); at 96 px one face missed
 # under two weak blurs, at 64 px 3; windows off the grid missed 13 of 87 x 8 at 128 px. A threshold lowered to
 # 0.9x added 233 residuals and lost 2 (merged into a box no longer on the anonymized one).
-CONFIRM_MARGIN = None
+CONFIRM_MARGIN = 128
 
 
 def merge_overlapping(detections: Iterable[Detection], iou_threshold: float) -> list[Detection]:
