@@ -43,9 +43,10 @@ eval: setup
 	$(VENV)/bin/veilstream --config config/paper.yaml eval $(VEILSTREAM_MEDIA) --region salient --size 50 \
 		--video-step 10 --stop float,published --report reports/eval
 
-# About 30 minutes on 2 cores; each prints a table and writes bench/results/*.json.
+# About an hour on 2 cores; each prints a table and writes bench/results/*.json.
 bench: setup
 	$(PY) bench/correction.py
+	$(PY) bench/steps.py
 	$(PY) bench/pipeline.py
 	$(PY) bench/worker.py
 

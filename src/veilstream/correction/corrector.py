@@ -9,7 +9,6 @@ value, and batches where each frame stops on its own.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import numpy.typing as npt
 import torch
 
 from veilstream.correction.classifier import Decision, Ensemble
-from veilstream.correction.steps import GradientPoint, seen_by_classifier
+from veilstream.correction.steps import GradientPoint, Stepping, seen_by_classifier
 from veilstream.decoding.images import Frame
 from veilstream.geometry import BoxGeometry
 from veilstream.publishing.encoding import Encoded, Encoder
@@ -178,7 +177,7 @@ class AdaptiveCorrector:
                 raise ValueError(f"mask shape {tuple(m.shape[:2])} does not match frame {tuple(a.shape[:2])}")
         # Tensors of a frame are made only once it needs a step: most frames are consistent at the first check,
         # which then runs on the anonymized uint8 pixels as they are (no float round trip, no copies).
-        stepping: dict[int, _Stepping] = {}
+        stepping: dict[int, Stepping] = {}
         decoded: list[Frame] = list(anonymized)  # the decoded published pixels, from the latest check
         changed_members: list[list[bool]] = [[True] * len(self.ensemble.members) for _ in anonymized]
         iterations = [0] * len(anonymized)
@@ -284,7 +283,8 @@ class AdaptiveCorrector:
             step_start = time.perf_counter()
             fresh_frames = [i for i in stepped if i not in stepping]
             for i in fresh_frames:
-                stepping[i] = _Stepping.start(anonymized[i], masks[i], settings.max_change, self.device)
+                region = torch.from_numpy(np.array(masks[i], dtype=bool)).to(self.device).unsqueeze(0)  # may shrink
+                stepping[i] = Stepping.start(_to_tensor(anonymized[i], self.device), region, settings.max_change)
             uncorrected.update((i, decoded[i]) for i in fresh_frames)
             moves = self._step(stepped, stepping, decoded, reference, changed_members)
             if len(settings.step_scales) > 1:
@@ -327,7 +327,7 @@ class AdaptiveCorrector:
     def _step(
         self,
         active: Sequence[int],
-        stepping: dict[int, _Stepping],
+        stepping: dict[int, Stepping],
         decoded: Sequence[Frame],
         reference: torch.Tensor,
         changed_members: Sequence[Sequence[bool]],
@@ -365,7 +365,7 @@ class AdaptiveCorrector:
     def _search(
         self,
         active: Sequence[int],
-        stepping: dict[int, _Stepping],
+        stepping: dict[int, Stepping],
         moves: Sequence[torch.Tensor | None],
         reference: torch.Tensor,
         reference_confidence: torch.Tensor,
@@ -388,39 +388,3 @@ class AdaptiveCorrector:
             stepping[i].current = tries[chosen][1]
             kept[i] = checked[chosen]
         return kept
-
-
-@dataclass
-class _Stepping:
-    """A frame being stepped: its anonymized pixels, region, bounds and current float pixels, on the device."""
-
-    anon: torch.Tensor
-    region: torch.Tensor
-    low: torch.Tensor
-    high: torch.Tensor
-    current: torch.Tensor
-
-    @classmethod
-    def start(cls, anonymized: Frame, mask: npt.NDArray[np.bool_], max_change: int, device: torch.device) -> _Stepping:
-        anon = _to_tensor(anonymized, device)
-        region = torch.from_numpy(np.array(mask, dtype=bool)).to(device).unsqueeze(0)  # a copy: it may shrink
-        low, high = (anon - max_change).clamp_min(0), (anon + max_change).clamp_max(255)
-        return cls(anon, region, low, high, anon.clone())
-
-    def bounded(self, move: torch.Tensor | None) -> torch.Tensor:
-        """The current pixels plus `move`, inside the bounds."""
-        if move is None:
-            return self.current
-        return torch.minimum(torch.maximum(self.current + move, self.low), self.high)
-
-    def move(self, move: torch.Tensor | None) -> None:
-        self.current = self.bounded(move)
-
-    def revert(self, boxes: Sequence[BoxGeometry]) -> None:
-        """Put the pixels of `boxes` back to their anonymized values and take them out of the region."""
-        height, width = self.region.shape[1:]
-        for box in boxes:
-            x1, y1 = max(0, math.floor(box.x1)), max(0, math.floor(box.y1))
-            x2, y2 = min(width, math.ceil(box.x2)), min(height, math.ceil(box.y2))
-            self.region[:, y1:y2, x1:x2] = False
-            self.current[:, y1:y2, x1:x2] = self.anon[:, y1:y2, x1:x2]

@@ -1,5 +1,5 @@
-"""Where a correction step takes its gradient: at the float frame (the paper), at the published pixels, or
-through a differentiable JPEG of them.
+"""A frame being stepped, and where a correction step takes its gradient: at the float frame (the paper), at the
+published pixels, or through a differentiable JPEG of them.
 
 A region is a (1, H, W) boolean mask; frames are (3, H, W) float tensors of RGB values in [0, 255].
 """
@@ -7,9 +7,13 @@ A region is a (1, H, W) boolean mask; frames are (3, H, W) float tensors of RGB 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from veilstream.geometry import BoxGeometry
 
 GradientPoint = Literal["float", "published", "codec"]
 
@@ -51,3 +55,38 @@ def seen_by_classifier(
     seen = published.detach().clone()
     seen[:, top:bottom, left:right] = coded + (published[:, top:bottom, left:right] - coded).detach()
     return seen
+
+
+@dataclass
+class Stepping:
+    """A frame being stepped: its anonymized pixels, region, bounds and current float pixels, on the device."""
+
+    anon: torch.Tensor
+    region: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
+    current: torch.Tensor
+
+    @classmethod
+    def start(cls, anon: torch.Tensor, region: torch.Tensor, max_change: int) -> Stepping:
+        """`anon` (3, H, W) float, `region` (1, H, W) bool, owned by the new state (reverting shrinks it)."""
+        low, high = (anon - max_change).clamp_min(0), (anon + max_change).clamp_max(255)
+        return cls(anon, region, low, high, anon.clone())
+
+    def bounded(self, move: torch.Tensor | None) -> torch.Tensor:
+        """The current pixels plus `move`, inside the bounds."""
+        if move is None:
+            return self.current
+        return torch.minimum(torch.maximum(self.current + move, self.low), self.high)
+
+    def move(self, move: torch.Tensor | None) -> None:
+        self.current = self.bounded(move)
+
+    def revert(self, boxes: Sequence[BoxGeometry]) -> None:
+        """Put the pixels of `boxes` back to their anonymized values and take them out of the region."""
+        height, width = self.region.shape[1:]
+        for box in boxes:
+            x1, y1 = max(0, math.floor(box.x1)), max(0, math.floor(box.y1))
+            x2, y2 = min(width, math.ceil(box.x2)), min(height, math.ceil(box.y2))
+            self.region[:, y1:y2, x1:x2] = False
+            self.current[:, y1:y2, x1:x2] = self.anon[:, y1:y2, x1:x2]

@@ -127,7 +127,8 @@ class CenterFaceDetector:
     onnxruntime's intra-op threads (None = its default, one per core). `runtime` says where the network runs: a
     "cuda" device never falls back to the CPU (see the module's note). `precision` "int8" runs the network quantized
     on onnxruntime's CPU kernels (detectors/quantize.py: about 2x faster at 2x on a VNNI CPU; calibrated for the
-    shipped weights only); on CUDA the network stays fp32. `self.precision` is the precision that runs.
+    shipped weights only; built once under `cache`, default `cache_root()`); on CUDA the network stays fp32.
+    `self.precision` is the precision that runs.
     """
 
     kinds: frozenset[Kind] = frozenset({"face"})
@@ -143,6 +144,7 @@ class CenterFaceDetector:
         max_input_side: int | None = None,
         max_batch: int = 1,
         precision: Precision = "fp32",
+        cache: Path | None = None,
     ) -> None:
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"CenterFace threshold must be in (0, 1), got {threshold!r}")
@@ -167,11 +169,11 @@ class CenterFaceDetector:
         self.max_input_side = max_input_side
         self.max_batch = max_batch
         with loading(self.path, "CenterFace ONNX model"):
-            self._session = self._load(device, threads, precision)
+            self._session = self._load(device, threads, precision, cache)
             # A first run proves the graph is usable (and pays the one-off initialisation cost here).
             self._run(np.zeros((1, 3, _ALIGN, _ALIGN), np.float32))
 
-    def _load(self, device: str, threads: int | None, precision: Precision) -> Any:
+    def _load(self, device: str, threads: int | None, precision: Precision, cache: Path | None) -> Any:
         import onnxruntime as ort
 
         model = dynamic_shapes(self.path.read_bytes())
@@ -181,7 +183,7 @@ class CenterFaceDetector:
         elif precision == "int8":
             from veilstream.detectors.quantize import int8_model
 
-            model = int8_model(self.path).read_bytes()
+            model = int8_model(self.path, cache).read_bytes()
             self.precision = "int8"
         options = ort.SessionOptions()
         # 3 = errors only: the model triggers one harmless warning per batch-norm counter otherwise.
