@@ -101,8 +101,8 @@ RUN apt-get update \
 
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /opt/veilstream /opt/veilstream
-# The smoke test below writes the ONNX exports of the classifier and the YOLO plate detector here, as the runtime
-# user; at run time the folder is only read (a pod with a read-only root filesystem starts without exporting).
+# The smoke test below writes the ONNX exports of the classifier and the YOLO plate detector and CenterFace's int8
+# model here, as the runtime user; at run time the folder is only read (a pod with a read-only root filesystem starts without exporting).
 RUN mkdir -p /opt/veilstream/cache && chown "${UID}:${UID}" /opt/veilstream/cache
 COPY deploy/docker/veilstream.yaml /etc/veilstream/veilstream.yaml
 

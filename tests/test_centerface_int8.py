@@ -1,5 +1,6 @@
-"""CenterFace `precision: int8` (detectors/quantize.py): the option reaches the network, the int8 model is built once
-and reused, other weights are refused, and the int8 network finds the faces the fp32 one finds on the face photos."""
+"""CenterFace `precision: int8` (detectors/quantize.py; `auto`, the default, picks it for the shipped weights on the
+CPU): the option reaches the network, the int8 model is built once and reused, other weights are refused, and the int8
+network finds the faces the fp32 one finds on the face photos."""
 
 from __future__ import annotations
 
@@ -53,21 +54,29 @@ def int8(cache: Path) -> CenterFaceDetector:
     return CenterFaceDetector(scales=(2.0,), max_input_side=1920, precision="int8", cache=cache)
 
 
-def test_precision_defaults_to_fp32_and_accepts_only_fp32_or_int8() -> None:
-    assert CenterFaceBackendConfig().precision == "fp32"
-    assert all(getattr(b, "precision", "fp32") == "fp32" for b in DetectorConfig().backends)
+def test_precision_defaults_to_auto_and_accepts_only_auto_fp32_or_int8() -> None:
+    assert CenterFaceBackendConfig().precision == "auto"
+    assert all(getattr(b, "precision", "auto") == "auto" for b in DetectorConfig().backends)
     assert CenterFaceBackendConfig(precision="int8").precision == "int8"
     with pytest.raises(ValidationError, match="precision"):
         CenterFaceBackendConfig(precision="int4")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="precision must be 'fp32' or 'int8'"):
+    with pytest.raises(ValueError, match="precision must be 'auto', 'fp32' or 'int8'"):
         CenterFaceDetector(precision="fp16")  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_auto_runs_int8_for_the_shipped_weights_and_fp32_for_others(tmp_path: Path) -> None:
+    assert CenterFaceDetector(precision="auto", cache=tmp_path).precision == "int8"
+    other = tmp_path / "centerface-copy.onnx"  # a valid CenterFace file with other bytes
+    other.write_bytes(dynamic_shapes(resolve_weights(DEFAULT_FACE_WEIGHTS).read_bytes()))
+    assert CenterFaceDetector(weights=other, precision="auto", cache=tmp_path).precision == "fp32"
 
 
 @pytest.mark.slow
 def test_the_option_runs_the_int8_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, media: Path) -> None:
     monkeypatch.setenv("VEILSTREAM_CACHE", str(tmp_path))
     frame = read_rgb(media / "zidane.jpg")
-    fp32 = build_backend(CenterFaceBackendConfig())
+    fp32 = build_backend(CenterFaceBackendConfig(precision="fp32"))
     int8 = build_backend(CenterFaceBackendConfig(precision="int8"))
     assert isinstance(int8, CenterFaceDetector)
     assert int8.precision == "int8"

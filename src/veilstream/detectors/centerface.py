@@ -22,13 +22,13 @@ from numpy.typing import NDArray
 
 from veilstream.detectors.base import Detection, Frame, Kind, check_frames
 from veilstream.detectors.onnx_shapes import dynamic_shapes
-from veilstream.detectors.weights import DEFAULT_FACE_WEIGHTS, loading, resolve_weights
+from veilstream.detectors.weights import DEFAULT_FACE_WEIGHTS, file_sha256, loading, resolve_weights
 from veilstream.detectors.windows import Window
 from veilstream.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 Runtime = Literal["onnxruntime-cpu", "onnxruntime-cuda", "torch-cuda"]
-Precision = Literal["fp32", "int8"]
+Precision = Literal["auto", "fp32", "int8"]
 # The network's output stride and the multiple its input sides must be (five stride-2 stages).
 _STRIDE = 4
 _ALIGN = 32
@@ -126,9 +126,10 @@ class CenterFaceDetector:
     the run's memory grows with the batch (3.4 GB peak for 8 frames at 2x, 0.56 GB for one). `threads` caps
     onnxruntime's intra-op threads (None = its default, one per core). `runtime` says where the network runs: a
     "cuda" device never falls back to the CPU (see the module's note). `precision` "int8" runs the network quantized
-    on onnxruntime's CPU kernels (detectors/quantize.py: about 2x faster at 2x on a VNNI CPU; calibrated for the
-    shipped weights only; built once under `cache`, default `cache_root()`); on CUDA the network stays fp32.
-    `self.precision` is the precision that runs.
+    on onnxruntime's CPU kernels (detectors/quantize.py: 2x faster per pass on 2 VNNI cores, 215 -> 104 ms at
+    1536x1152; calibrated for the shipped weights only; built once under `cache`, default `cache_root()`); on CUDA
+    the network stays fp32; "auto" is int8 for the shipped weights on the CPU, else fp32. `self.precision` is the
+    precision that runs.
     """
 
     kinds: frozenset[Kind] = frozenset({"face"})
@@ -158,8 +159,8 @@ class CenterFaceDetector:
             raise ValueError(f"CenterFace max_input_side must be >= {_ALIGN} or None, got {max_input_side!r}")
         if threads is not None and threads < 1:
             raise ValueError(f"CenterFace threads must be >= 1 or None, got {threads!r}")
-        if precision not in ("fp32", "int8"):
-            raise ValueError(f"CenterFace precision must be 'fp32' or 'int8', got {precision!r}")
+        if precision not in ("auto", "fp32", "int8"):
+            raise ValueError(f"CenterFace precision must be 'auto', 'fp32' or 'int8', got {precision!r}")
         if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
             raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'")
         self.path = resolve_weights(weights)
@@ -178,6 +179,12 @@ class CenterFaceDetector:
 
         model = dynamic_shapes(self.path.read_bytes())
         self.precision: Precision = "fp32"
+        if precision == "auto":
+            from veilstream.detectors.quantize import CALIBRATED_SHA256
+
+            # int8 where it was measured (the shipped weights on the CPU), fp32 for anything else.
+            calibrated = not device.startswith("cuda") and file_sha256(self.path) == CALIBRATED_SHA256
+            precision = "int8" if calibrated else "fp32"
         if precision == "int8" and device.startswith("cuda"):
             log.info("CenterFace on %s runs in fp32: its int8 model is for onnxruntime's CPU kernels", device)
         elif precision == "int8":
