@@ -243,3 +243,23 @@ def test_the_guard_keeps_the_correction_from_making_an_anonymized_face_detectabl
             assert np.array_equal(outcome.correction.pixels[10:40, 20:40], np.zeros((30, 20, 3), np.uint8))
     else:
         assert found_again, "without the guard the correction's steps are found again"
+
+
+class BesideEachOther:
+    """Two overlapping face boxes on every frame: one a third inside BOX (a residual), one mostly beside it."""
+
+    kinds = frozenset({"face"})
+    on_the_edge = Detection(50, 10, 80, 40, 0.6, "face")  # 10 of its 30 px inside BOX (20..60)
+    beside = Detection(55, 10, 85, 40, 0.3, "face")  # IoU 0.71 with it; their union is only 10/35 inside BOX
+
+    def detect(self, frames: Sequence[Frame]) -> list[list[Detection]]:
+        return [[self.on_the_edge, self.beside] for _ in frames]
+
+
+def test_a_residual_is_not_lost_by_merging_it_with_a_box_beside_it() -> None:
+    pipeline = _pipeline(ScriptedDetector([BOX]), residual="flag", correct=False)
+    pipeline.leak_detector = CombinedDetector([BesideEachOther()], padding={})
+    (outcome,) = pipeline.process(noise_frames(1, seed=6))
+    assert outcome.residual == (BesideEachOther.on_the_edge,)
+    merged = pipeline.leak_detector.detect_kinds(noise_frames(1, seed=6), [{"face"}])
+    assert residual_detections([BOX], merged[0]) == [], "merged, the residual would have been lost"

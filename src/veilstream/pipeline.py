@@ -353,7 +353,9 @@ class Pipeline:
         if isinstance(self.leak_detector, CombinedDetector):
             kinds = [{d.kind for d in f.detections} if isinstance(f, FoundRegions) else set() for f in found]
             around = [f.detections if isinstance(f, FoundRegions) else () for f in found]
-            return self.leak_detector.detect_kinds(frames, kinds, around if self.residual_scope == "around" else None)
+            # Unmerged: a residual merged with a box beside it could end up less than 0.3 inside its anonymized box.
+            scope = around if self.residual_scope == "around" else None
+            return self.leak_detector.detect_kinds(frames, kinds, scope, merge=False)
         return self.leak_detector.detect(frames)
 
     def _outcome(

@@ -118,6 +118,7 @@ class CombinedDetector:
         frames: Sequence[Frame],
         kinds: Sequence[Set[Kind]] | None,
         around: Sequence[Sequence[Detection]] | None = None,
+        merge: bool = True,
     ) -> list[list[Detection]]:
         """Like `detect`, but a backend that declares its `kinds` runs only on the frames that want one of them.
 
@@ -130,6 +131,7 @@ class CombinedDetector:
         under half the frame (`_confirm`), else its whole-frame detections. Scores near the threshold depend on
         context outside a window, hence the screen's lower threshold and the confirmation's wide margin (the
         README and CONFIRM_MARGIN have how often each differed from the whole frame: never, on the frames measured).
+        `merge=False` leaves overlapping boxes apart (see `postprocess`).
         """
         check_frames(frames)
         if not frames:
@@ -158,7 +160,7 @@ class CombinedDetector:
             height, width = frame.shape[:2]
             # Exact per-axis ratios: the resized copy's sides were rounded to whole pixels.
             sx, sy = width / small.shape[1], height / small.shape[0]
-            out.append(self.postprocess(detections, width, height, sx, sy))
+            out.append(self.postprocess(detections, width, height, sx, sy, merge))
         return out
 
     def _run_backend(
@@ -225,16 +227,23 @@ class CombinedDetector:
         return dict(zip(windows, seen, strict=True))
 
     def postprocess(
-        self, detections: Iterable[Detection], width: int, height: int, sx: float = 1.0, sy: float = 1.0
+        self,
+        detections: Iterable[Detection],
+        width: int,
+        height: int,
+        sx: float = 1.0,
+        sy: float = 1.0,
+        merge: bool = True,
     ) -> list[Detection]:
-        """Scale by (sx, sy) to the full frame, pad, clip to `width` x `height`, merge."""
+        """Scale by (sx, sy) to the full frame, pad, clip to `width` x `height`, merge (unless `merge` is false:
+        a check that matches boxes against anonymized ones must not see a found box grown by a neighbour's)."""
         boxes: list[Detection] = []
         for detection in detections:
             full = detection if sx == sy == 1.0 else detection.scaled(sx, sy)
             clipped = full.padded(self.padding.get(full.kind, 0.0)).clipped(width, height)
             if clipped is not None:
                 boxes.append(clipped)
-        return merge_overlapping(boxes, self.merge_iou)
+        return merge_overlapping(boxes, self.merge_iou) if merge else boxes
 
 
 def _inside(new: Detection, old: Detection) -> float:
