@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -34,7 +33,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from veilstream.detectors.onnx_shapes import dynamic_shapes
-from veilstream.detectors.weights import cache_root, file_sha256
+from veilstream.detectors.weights import cache_root, file_sha256, move_into_place, scratch_folder
 from veilstream.errors import ModelLoadError
 
 CACHE_FOLDER = "centerface-int8"
@@ -236,14 +235,6 @@ def int8_key(source: Path) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _fsync(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def int8_model(source: Path, cache: Path | None = None) -> Path:
     """The int8 model of CenterFace weights `source`, made once under `cache` (default `cache_root()`) and written
     atomically (quantized in a scratch folder beside it, then renamed), so a reader never sees a partial file."""
@@ -258,8 +249,7 @@ def int8_model(source: Path, cache: Path | None = None) -> Path:
     if target.is_file():
         return target
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=".quantize-", dir=folder))
+        scratch = scratch_folder(folder, ".quantize-")
     except OSError as exc:
         raise ModelLoadError(
             f"cannot write the int8 CenterFace model under {folder}: {exc}. Set VEILSTREAM_CACHE to a writable"
@@ -268,9 +258,7 @@ def int8_model(source: Path, cache: Path | None = None) -> Path:
     try:
         built = scratch / target.name
         quantize(prepare(source.read_bytes()), activation_ranges(), built)
-        _fsync(built)
-        os.replace(built, target)
-        _fsync(folder, directory=True)
+        move_into_place(built, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target

@@ -7,6 +7,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -102,3 +103,24 @@ def loading(path: Path, what: str) -> Iterator[None]:
         raise
     except Exception as exc:
         raise ModelLoadError(f"cannot load {what} from {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def scratch_folder(folder: Path, prefix: str) -> Path:
+    """A fresh folder inside `folder` (made if needed) to build a cache file in; OSError when it cannot be written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=folder))
+
+
+def move_into_place(built: Path, target: Path) -> None:
+    """Rename a finished file to `target` on the same file system, durably: a reader never sees a partial file."""
+    _fsync(built)
+    os.replace(built, target)
+    _fsync(target.parent, directory=True)
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -15,9 +15,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +24,15 @@ from typing import Any, Literal, get_args
 import numpy as np
 
 from veilstream.detectors.base import KINDS, Detection, Frame, Kind, check_frames
-from veilstream.detectors.weights import DEFAULT_PLATE_WEIGHTS, cache_root, file_sha256, loading, resolve_weights
+from veilstream.detectors.weights import (
+    DEFAULT_PLATE_WEIGHTS,
+    cache_root,
+    file_sha256,
+    loading,
+    move_into_place,
+    resolve_weights,
+    scratch_folder,
+)
 from veilstream.errors import ConfigError, ModelLoadError
 
 DEFAULT_CLASS_MAP: Mapping[str, Kind] = {"license_plate": "plate"}
@@ -96,14 +102,6 @@ def _quiet_ultralytics() -> Iterator[None]:
         logger.setLevel(previous)
 
 
-def _fsync(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def onnx_export(weights: Path, imgsz: int, cache: Path | None = None) -> Path:
     """The ONNX export of `.pt` weights, made once under `cache` (default `cache_root()`) and written atomically
     (exported in a scratch folder beside it, then renamed), so a reader never sees a partial file."""
@@ -113,8 +111,7 @@ def onnx_export(weights: Path, imgsz: int, cache: Path | None = None) -> Path:
         return target
     _require(_EXPORT_NEEDS, "export to ONNX")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=".export-", dir=folder))
+        scratch = scratch_folder(folder, ".export-")
     except OSError as exc:
         raise ModelLoadError(
             f"cannot write the ONNX export of {weights} under {folder}: {exc}. Set VEILSTREAM_CACHE to a writable "
@@ -133,9 +130,7 @@ def onnx_export(weights: Path, imgsz: int, cache: Path | None = None) -> Path:
             exported = Path(YOLO(str(copy), task="detect").export(imgsz=imgsz, verbose=False, **EXPORT_SETTINGS))
             if not exported.is_file():
                 raise ModelLoadError(f"ONNX export of {weights} wrote no file (ultralytics returned {exported})")
-            _fsync(exported)
-            os.replace(exported, target)
-            _fsync(folder, directory=True)
+            move_into_place(exported, target)
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(scratch, ignore_errors=True)
