@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from veilstream.detectors import Detection
 from veilstream.detectors import quantize as quantize_module
-from veilstream.detectors.centerface import CenterFaceDetector
+from veilstream.detectors.centerface import CenterFaceDetector, network_input
 from veilstream.detectors.config import CenterFaceBackendConfig, DetectorConfig, build_backend
 from veilstream.detectors.onnx_shapes import dynamic_shapes
 from veilstream.detectors.quantize import (
@@ -141,9 +141,7 @@ def test_shipped_ranges_hold_a_calibration_photo(media: Path, fp32: CenterFaceDe
     # own ranges lie inside it, and it names every tensor the calibrator sees.
     frame = read_rgb(media / "grace_hopper.jpg")
     ((width, height),) = fp32.pass_sizes(frame.shape[1], frame.shape[0])
-    import cv2
-
-    blob = cv2.resize(frame, (width, height), interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1)[None]
+    blob = network_input([frame], (width, height))
     measured = measure_ranges(prepare(resolve_weights(DEFAULT_FACE_WEIGHTS).read_bytes()), [blob.astype(np.float32)])
     shipped = activation_ranges()
     assert set(measured) == set(shipped)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from veilstream.config import ClassifierConfig, VeilstreamConfig, load_config
-from veilstream.correction.classifier import Ensemble
+from veilstream.correction.classifier import Ensemble, Preprocessing
 from veilstream.correction.corrector import AdaptiveCorrector, CorrectionSettings
 from veilstream.correction.loading import build_classifier, build_ensemble
 from veilstream.correction.models import describe_file, load_builtin, native_input_size
@@ -146,7 +146,7 @@ def test_readme_worked_example_loads_and_corrects(tmp_path: Path, monkeypatch: p
     assert vehicles.decision_names == ("light", "heavy", "two-wheeler")
     # The traced file computes what the module computes, through veilstream's preprocessing.
     frames = [torch.from_numpy(f).permute(2, 0, 1).float() for f in noise_frames(6, 120, 160, seed=4)]
-    reference = VehicleNet().eval()(vehicles.preprocessing(frames))
+    reference = VehicleNet().eval()(vehicles.preprocessing.decision_inputs(frames))
     assert torch.allclose(vehicles.predict(frames), reference, atol=1e-4)
     # The correction keeps the tariff group (not the fine class) on the published bytes.
     ensemble = Ensemble([vehicles])
@@ -251,7 +251,7 @@ def test_onnx_decides_on_onnxruntime_and_corrects_through_its_torch_graph(tmp_pa
     assert classifier.preprocessing.input_size == (224, 224)  # read from the file
     assert classifier.inference is not None
     frames = [torch.from_numpy(f).permute(2, 0, 1).float() for f in noise_frames(5, seed=2)]
-    expected = module(classifier.preprocessing(frames))
+    expected = module(classifier.preprocessing.decision_inputs(frames))
     assert torch.allclose(classifier.predict(frames), expected, atol=1e-4)
     ensemble = Ensemble([classifier])
     results = AdaptiveCorrector(ensemble, CorrectionSettings(max_change=128, time_budget_ms=None)).correct(
@@ -310,3 +310,24 @@ def test_builtin_weights_load_at_their_own_size(name: str, side: int) -> None:
     grey = torch.full((3, 300, 400), 127.0)
     assert classifier.predict([grey]).shape == (1, 1000)
     assert np.isfinite(classifier.predict([grey]).numpy()).all()
+
+
+def test_decisions_are_made_on_8bit_pixels_resized_to_8bit_pixels() -> None:
+    """What an image library hands a classifier: whole levels before normalization, the same for a uint8 frame
+    and its float copy, within one level of the unrounded float resize the gradient goes through."""
+    preprocessing = Preprocessing(scale=1 / 255, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    rng = np.random.default_rng(7)
+    frame = torch.from_numpy(rng.integers(0, 256, (3, 270, 480), dtype=np.uint8))
+    pixels = preprocessing.decision_inputs([frame])
+    levels = pixels * torch.tensor(preprocessing.std).view(1, 3, 1, 1) + torch.tensor(preprocessing.mean).view(
+        1, 3, 1, 1
+    )
+    levels = levels / preprocessing.scale
+    assert torch.allclose(levels, levels.round(), atol=1e-3), "the resized frame is rounded to 8-bit levels"
+    assert torch.equal(preprocessing.decision_inputs([frame.float()]), pixels)
+    # Sub-level float changes (never published: pixels are rounded) do not reach a decision.
+    assert torch.equal(preprocessing.decision_inputs([frame.float() + 0.3]), pixels)
+    unrounded = preprocessing([frame.float()])
+    level = 1 / 255 / min(preprocessing.std)
+    assert float((unrounded - pixels).abs().max()) <= level + 1e-5
+    assert not torch.equal(unrounded, pixels)

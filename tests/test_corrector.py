@@ -13,7 +13,7 @@ from torch import nn
 
 from veilstream.anonymizers.filters import GaussianBlur, SolidMask
 from veilstream.anonymizers.regions import Region, region_mask
-from veilstream.correction.classifier import Classifier, Ensemble, Grouping
+from veilstream.correction.classifier import Classifier, Decision, Ensemble, Grouping
 from veilstream.correction.corrector import AdaptiveCorrector, CorrectionSettings
 from veilstream.correction.saliency import salient_window
 from veilstream.correction.steps import GradientPoint, seen_by_classifier
@@ -207,6 +207,25 @@ def test_published_check_catches_what_the_float_check_misses(lite0: Classifier, 
     assert not by_float.consistent, "JPEG re-encoding should undo the float-only correction here"
     assert by_published.consistent
     assert by_published.iterations > by_float.iterations
+
+
+def test_a_float_stop_steps_by_the_members_changed_before_the_codec(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float stop looks before the codec: where the published bytes happen to keep every decision but the
+    rounded pixels do not, the members changed there steer the step (none steering was a crash)."""
+    ensemble = Ensemble([tiny_classifier()])
+    originals, anonymized, masks = _flipped(ensemble, masked_case())
+    case = [originals[0]], [anonymized[0]], [masks[0]]
+    corrector = AdaptiveCorrector(ensemble, CorrectionSettings(stop="float", time_budget_ms=None, max_change=96))
+    reference, confidence = corrector.reference(case[0])
+    checked = corrector._check
+
+    def published_keeps_every_decision(frames: Sequence[Frame]) -> list[tuple[Encoded, tuple[Decision, ...]]]:
+        return [(encoded, ensemble.describe(reference, confidence, 0)) for encoded, _ in checked(frames)]
+
+    monkeypatch.setattr(corrector, "_check", published_keeps_every_decision)
+    (result,) = corrector.correct(*case)
+    assert result.iterations >= 1
+    assert result.stop_reason == "corrected"
 
 
 class _CountingNet(nn.Module):

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import pytest
 
 from veilstream.config import VeilstreamConfig
@@ -82,7 +84,7 @@ def test_centerface_windows_are_on_its_grid_only_where_every_pass_resizes_by_a_w
     centerface: CenterFaceDetector,
 ) -> None:
     assert centerface.window_grid(768, 576) == 32  # 2x: 1536 x 1152
-    assert centerface.window_grid(1920, 1080) is None  # 1920 x 1088: not one factor
+    assert centerface.window_grid(1920, 1080) == 32  # 1x, padded (not stretched) to 1920 x 1088
     assert centerface.window_grid(810, 1080) is None
     fixed = CenterFaceDetector(in_size=(640, 480))
     assert fixed.window_grid(768, 576) is None
@@ -133,6 +135,9 @@ class _GridWindowed(_Windowed):
     def window_grid(self, width: int, height: int) -> int | None:
         return 32
 
+    def pass_sizes(self, width: int, height: int) -> list[tuple[int, int]]:
+        return [(2 * width, 2 * height)]  # as CenterFace's default 2x pass: the margin is half in frame pixels
+
     def detect_windows(
         self, frames: Sequence[Frame], windows: Sequence[Sequence[Window]], threshold: float | None = None
     ) -> list[list[Detection]]:
@@ -175,7 +180,7 @@ def test_a_flagged_frame_is_confirmed_in_grid_windows_at_the_detectors_threshold
     assert detector.detect_kinds([_frame()], [{"face"}], [anonymized]) == [confirmed]
     assert backend.whole_runs == 0
     (windows,) = backend.confirm_windows
-    assert windows == windows_on_grid(anonymized, 768, 576, CONFIRM_MARGIN, 32)
+    assert windows == windows_on_grid(anonymized, 768, 576, CONFIRM_MARGIN // 2, 32)
     margin = CombinedDetector([backend], padding={"face": 0.0}, confirm_margin=None)  # type: ignore[list-item]
     assert margin.detect_kinds([_frame()], [{"face"}], [anonymized]) == [[_box(0, 0, 10, 10)]]
     assert backend.whole_runs == 1
@@ -185,7 +190,7 @@ def test_a_flagged_frame_whose_confirmation_windows_cover_half_of_it_gets_the_wh
     anonymized = [_box(100, 100, 140, 140), _box(600, 100, 640, 140), _box(350, 400, 390, 440)]  # > half
     backend = _GridWindowed(screen=[_box(110, 110, 130, 130)], whole=[_box(0, 0, 10, 10)], confirmed=[])
     detector = CombinedDetector([backend], padding={"face": 0.0})  # type: ignore[list-item]
-    windows = windows_on_grid(anonymized, 768, 576, CONFIRM_MARGIN, 32)
+    windows = windows_on_grid(anonymized, 768, 576, CONFIRM_MARGIN // 2, 32)
     assert not worth_windows(windows, 768, 576)
     assert detector.detect_kinds([_frame()], [{"face"}], [anonymized]) == [[_box(0, 0, 10, 10)]]
     assert backend.whole_runs == 1 and backend.confirm_windows == []
@@ -245,6 +250,7 @@ class _Recording:
         return self.original(frames, windows, threshold)
 
 
+@pytest.mark.parametrize("size", [None, (1920, 1080)], ids=["768x576", "1920x1080"])
 @pytest.mark.parametrize(
     "anonymizer",
     [
@@ -253,10 +259,11 @@ class _Recording:
     ],
 )
 def test_confirmations_in_windows_flag_every_residual_the_whole_frame_flags(
-    media: Path, anonymizer: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    media: Path, anonymizer: dict[str, Any], size: tuple[int, int] | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Consecutive frames with the detection memory (its remembered boxes are where faces are found again),
-    weak anonymizers: the windows must flag each residual box the whole frame flags, on frames they confirm."""
+    weak anonymizers: the windows must flag each residual box the whole frame flags, on frames they confirm.
+    At 1080p (vtest upscaled) the network input is padded to 1088 rows: the windows keep the 32 px grid."""
     config = VeilstreamConfig.model_validate({"correction": {"enabled": False}, "anonymizer": anonymizer})
     pipeline = build_pipeline(config)
     assert isinstance(pipeline.leak_detector, CombinedDetector)
@@ -264,6 +271,8 @@ def test_confirmations_in_windows_flag_every_residual_the_whole_frame_flags(
     assert isinstance(centerface, CenterFaceDetector)
     first = 150
     frames = [video_frame(media / "vtest.avi", first + k) for k in range(12)]
+    if size is not None:
+        frames = [np.ascontiguousarray(cv2.resize(f, size, interpolation=cv2.INTER_CUBIC)) for f in frames]
     prepared = pipeline.prepare(frames, [FrameKey("vtest", first + k) for k in range(len(frames))])
     pipeline.residual_scope = "frame"
     whole = [o.residual for o in pipeline.finish(prepared)]

@@ -27,12 +27,15 @@ def detector() -> CenterFaceDetector:
 def test_pass_sizes_upscale_up_to_the_cap_and_never_below_the_frame(detector: CenterFaceDetector) -> None:
     detector.scales, detector.max_input_side = (2.0,), 1920
     assert detector.pass_sizes(768, 576) == [(1536, 1152)]
-    assert detector.pass_sizes(1280, 720) == [(1920, 1088)], "1.5x: the cap"
-    assert detector.pass_sizes(1920, 1080) == [(1920, 1088)], "no upscale, and no downscale because of the cap"
-    assert detector.pass_sizes(3840, 2160) == [(3840, 2176)]
+    assert detector.pass_sizes(1280, 720) == [(1920, 1080)], "1.5x: the cap"
+    assert detector.pass_sizes(1920, 1080) == [(1920, 1080)], "no upscale, and no downscale because of the cap"
+    assert detector.pass_sizes(3840, 2160) == [(3840, 2160)]
     detector.scales = (1.0, 2.0)
     assert detector.pass_sizes(768, 576) == [(768, 576), (1536, 1152)]
-    assert detector.pass_sizes(1920, 1080) == [(1920, 1088)], "a pass the cap makes equal to another runs once"
+    assert detector.pass_sizes(1920, 1080) == [(1920, 1080)], "a pass the cap makes equal to another runs once"
+    # The network input is the pass size padded, not stretched, to multiples of 32: 1080p keeps the 32 px grid.
+    assert detector.window_grid(1920, 1080) == 32
+    assert detector.window_grid(1280, 720) is None, "1.5x: no whole factor"
     detector.scales, detector.max_input_side, detector.in_size = (2.0,), None, (640, 480)
     assert detector.pass_sizes(1920, 1080) == [(1280, 960)], "the factor applies to in_size when it is set"
     detector.scales, detector.in_size = (1.0,), None

@@ -74,7 +74,7 @@ class TransferSink:
 
     def _decide(self, frames: Sequence[Frame]) -> torch.Tensor:
         device = self.checkers.members[0].device
-        tensors = [torch.from_numpy(np.ascontiguousarray(f)).to(device).permute(2, 0, 1).float() for f in frames]
+        tensors = [torch.from_numpy(np.ascontiguousarray(f)).to(device).permute(2, 0, 1) for f in frames]
         return self.checkers.decide(tensors)[0].cpu()
 
 

@@ -126,6 +126,12 @@ def _to_tensor(frame: Frame, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(frame)).to(device).permute(2, 0, 1).float()
 
 
+def _to_pixels(frame: Frame, device: torch.device) -> torch.Tensor:
+    """(3, H, W) uint8 view of a frame, for decisions: no float copy of the whole frame."""
+    _check_frame(frame)
+    return torch.from_numpy(np.ascontiguousarray(frame)).to(device).permute(2, 0, 1)
+
+
 def _to_frame(tensor: torch.Tensor) -> Frame:
     array: npt.NDArray[np.uint8] = tensor.detach().round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return np.ascontiguousarray(array)
@@ -148,7 +154,7 @@ class AdaptiveCorrector:
 
     def reference(self, originals: Sequence[Frame]) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, B) decisions and confidences on the original frames."""
-        return self.ensemble.decide([_to_tensor(f, self.device) for f in originals])
+        return self.ensemble.decide([_to_pixels(f, self.device) for f in originals])
 
     def correct(
         self,
@@ -233,11 +239,14 @@ class AdaptiveCorrector:
                     for i, c in zip(active, checked, strict=True)
                 ]
             else:
-                floats = [
-                    stepping[i].current if i in stepping else _to_tensor(anonymized[i], self.device) for i in active
+                unpublished = [
+                    stepping[i].current if i in stepping else _to_pixels(anonymized[i], self.device) for i in active
                 ]
-                decisions, _ = self.ensemble.decide(floats)
+                decisions, _ = self.ensemble.decide(unpublished)
                 agree = [bool((decisions[:, k] == reference[:, i]).all()) for k, i in enumerate(active)]
+                # The members that steer a step are those changed where the stop looks, here before the codec.
+                for k, i in enumerate(active):
+                    changed_members[i] = (decisions[:, k] != reference[:, i]).tolist()
             share(active, check_start)
             elapsed_ms = (time.perf_counter() - start) * 1000
             out_of_time = settings.time_budget_ms is not None and elapsed_ms + last_step_ms > settings.time_budget_ms
@@ -321,7 +330,7 @@ class AdaptiveCorrector:
     def _check(self, frames: Sequence[Frame]) -> list[tuple[Encoded, tuple[Decision, ...]]]:
         """Encode each frame as the publish stage will; the decisions are on the decoded bytes."""
         encoded = [self.encoder.roundtrip(f) for f in frames]
-        decisions, confidences = self.ensemble.decide([_to_tensor(e.decoded, self.device) for e in encoded])
+        decisions, confidences = self.ensemble.decide([_to_pixels(e.decoded, self.device) for e in encoded])
         return [(e, self.ensemble.describe(decisions, confidences, k)) for k, e in enumerate(encoded)]
 
     def _step(

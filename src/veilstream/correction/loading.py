@@ -130,7 +130,8 @@ def _probe_frames(height: int, width: int, device: torch.device) -> list[torch.T
     """A grey frame and a smooth seeded random one: the decision runtime and the torch graph must agree on both."""
     generator = torch.Generator().manual_seed(0)
     coarse = torch.rand((1, 3, max(1, height // 16), max(1, width // 16)), generator=generator) * 255
-    textured = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)[0]
+    # Whole levels: decisions are made on 8-bit pixels, the graph on floats; on these both see the same input.
+    textured = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)[0].round()
     return [torch.full((3, height, width), 127.0, device=device), textured.to(device)]
 
 

