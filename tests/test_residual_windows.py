@@ -70,9 +70,10 @@ def test_grid_windows_have_their_edges_on_the_grid_and_cover_each_box_with_its_m
         )
 
 
-def test_windows_are_worth_it_only_under_half_the_frame() -> None:
+def test_windows_are_worth_it_only_under_most_of_the_frame() -> None:
     assert worth_windows([Window(0, 0, 64, 64)], 768, 576)
-    assert not worth_windows([Window(0, 0, 768, 300)], 768, 576)
+    assert worth_windows([Window(0, 0, 768, 300), Window(0, 320, 768, 480)], 768, 576)  # 80%
+    assert not worth_windows([Window(0, 0, 768, 500)], 768, 576)  # 87%
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +187,9 @@ def test_a_flagged_frame_is_confirmed_in_grid_windows_at_the_detectors_threshold
     assert backend.whole_runs == 1
 
 
-def test_a_flagged_frame_whose_confirmation_windows_cover_half_of_it_gets_the_whole_frame_pass() -> None:
-    anonymized = [_box(100, 100, 140, 140), _box(600, 100, 640, 140), _box(350, 400, 390, 440)]  # > half
+def test_a_flagged_frame_whose_confirmation_windows_cover_most_of_it_gets_the_whole_frame_pass() -> None:
+    corners = [_box(100, 100, 140, 140), _box(600, 100, 640, 140), _box(100, 400, 140, 440), _box(600, 400, 640, 440)]
+    anonymized = [*corners, _box(350, 250, 390, 290)]  # windows joined into one over the whole frame
     backend = _GridWindowed(screen=[_box(110, 110, 130, 130)], whole=[_box(0, 0, 10, 10)], confirmed=[])
     detector = CombinedDetector([backend], padding={"face": 0.0})  # type: ignore[list-item]
     windows = windows_on_grid(anonymized, 768, 576, CONFIRM_MARGIN // 2, 32)

@@ -20,15 +20,14 @@ DEFAULT_PADDING: Mapping[Kind, float] = {"face": 1.0, "plate": 0.1}
 # itself counts 0.3: the screen is looser, as its scores are). With the screen at 0.35x the threshold it flagged
 # every frame the whole-frame check flagged in 320 checks (4 anonymizers x 80 vtest frames); at 0.5x it missed 1.
 SCREEN_OVERLAP = 0.2
-# A screened frame's whole-frame pass runs instead in windows this many pixels of the network's input (the
-# context it sees) around its anonymized boxes, with edges on the detector's grid (`window_grid`), at its own
-# threshold, where they cover under half the frame. Against the whole frame (CenterFace 2x, JPEG q90; blur
-# relative_sigma 0.5/0.2/0.1/0.04, pixelate 8/16, the default corrected; 159 vtest.avi frames with memory + 7
-# photos: 1,075 checks): at 256 (128 frame px) no residual missed, none added (the windows covered half the frame
-# or more in 795 checks: whole frame); at 192 one face missed under two weak blurs, at 128 3; windows off the grid
-# missed 13 of 87 x 8 at 256. At 1x (vtest upscaled to 1080p, 12 frames, blur 0.1 / pixelate 16): 128 missed 2 of
-# 22 / 2 of 42 residuals, 192 and 256 none. A threshold lowered to 0.9x added 233 residuals and lost 2 (merged
-# into a box no longer on the anonymized one).
+# A screened frame's whole-frame pass runs instead in windows this many pixels of the network's input (the context it
+# sees) around its anonymized boxes, with edges on the detector's grid (`window_grid`), at its own threshold, where
+# they cover under WHOLE_FRAME_SHARE of the frame. Chosen on CenterFace 2x, JPEG q90, blur relative_sigma
+# 0.5/0.2/0.1/0.04 and pixelate 8/16 over vtest.avi frames with memory and photos: at 192 one face missed under two
+# weak blurs, at 128 3; windows off the grid missed 13 of 87 x 8 at 256; at 1x (1080p) 128 missed 2 of 22 / 2 of 42
+# residuals, 192 and 256 none. `bench/residual_windows.py` measures it against the whole frame (README: no
+# residual missed or added). A threshold lowered to 0.9x added 233 residuals and lost 2 (merged into a box no
+# longer on the anonymized one).
 CONFIRM_MARGIN = 256
 
 
@@ -126,13 +125,13 @@ class CombinedDetector:
 
         Merging joins same-kind boxes only, so a frame's boxes of a wanted kind are the same as with `detect`.
         `around` (per frame, boxes in frame pixels) is for checks that only care about those boxes (the residual
-        check): a backend that can look in windows (`detect_windows`, a fully convolutional one) first screens
-        windows around the boxes of its kinds at `screen_factor` times its threshold; a frame where no screened box
-        (padded) touches one of its `around` boxes gets no boxes from it, any other frame gets what the detector
-        finds in windows `confirm_margin` pixels of its input around those boxes on its grid where they cover under
-        half the frame (`_confirm`), else its whole-frame detections. Scores near the threshold depend on context
-        outside a window, hence the screen's lower threshold and the confirmation's wide margin (the README and
-        CONFIRM_MARGIN have how often each differed from the whole frame: never, on the frames measured).
+        check): a backend that can look in windows (`detect_windows`, a fully convolutional one) first screens windows
+        around the boxes of its kinds at `screen_factor` times its threshold; a frame where no screened box (padded)
+        touches one of its `around` boxes gets no boxes from it, any other frame gets what the detector finds in
+        windows `confirm_margin` pixels of its input around those boxes on its grid where they cover under
+        WHOLE_FRAME_SHARE of the frame (`_confirm`), else its whole-frame detections. Scores near the threshold depend
+        on context outside a window, hence the screen's lower threshold and the confirmation's wide margin (the README
+        and CONFIRM_MARGIN have how often each differed from the whole frame: never, on the frames measured).
         `merge=False` leaves overlapping boxes apart (see `postprocess`).
         """
         check_frames(frames)
@@ -208,7 +207,7 @@ class CombinedDetector:
         self, detector: Detector, targets: Mapping[int, Sequence[Detection]], inputs: Sequence[Frame]
     ) -> dict[int, list[Detection]]:
         """What `detector` finds, at its own threshold, in windows `confirm_margin` network input pixels around
-        each frame's `targets` on its grid, for the frames where those windows cover under half the frame; the
+        each frame's `targets` on its grid, for the frames where those windows cover under WHOLE_FRAME_SHARE of it; the
         other frames are left out (the whole frame decides there)."""
         window_grid = getattr(detector, "window_grid", None)
         look_in_windows = getattr(detector, "detect_windows", None)
