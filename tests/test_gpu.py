@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from veilstream.correction.classifier import Preprocessing
 from veilstream.decoding.images import Frame, decode_frame, sniff_codec
 from veilstream.detectors.base import Detection
 from veilstream.detectors.centerface import CenterFaceDetector, torch_runner
@@ -245,3 +246,15 @@ def test_no_model_work_on_the_cpu_with_device_cuda(cuda_pipeline: Any, sample_fr
         assert isinstance(outcome, Published), getattr(outcome, "error", outcome)
         print({stage: round(ms, 1) for stage, ms in outcome.timings_ms.items()})
     assert not recorder.found, f"model work on the CPU: {sorted(set(recorder.found))[:20]}"
+
+
+@pytest.mark.gpu
+def test_decision_inputs_on_cuda_are_within_one_level_of_the_cpus(sample_frames: list[Frame]) -> None:
+    """No 8-bit resize kernel on CUDA: the float resize rounded, within one grey level of the CPU's 8-bit one."""
+    preprocessing = Preprocessing()
+    for frame in sample_frames:
+        pixels = torch.from_numpy(frame).permute(2, 0, 1)
+        on_cpu = preprocessing.decision_inputs([pixels])
+        on_cuda = preprocessing.decision_inputs([pixels.to("cuda")]).cpu()
+        level = 1 / min(preprocessing.std) / preprocessing.scale
+        assert float((on_cuda - on_cpu).abs().max()) <= level + 1e-5
