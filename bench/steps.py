@@ -161,7 +161,7 @@ def faces_guard(detector: CombinedDetector, faces: FacesCase) -> FoundAgain:
 
     def found(positions: Sequence[int], published: Sequence[Frame]) -> list[list[BoxGeometry]]:
         boxes = [faces.faces[p] for p in positions]
-        again = detector.detect_kinds(list(published), [{"face"}] * len(published), boxes)
+        again = detector.detect_kinds(list(published), [{"face"}] * len(published), boxes, merge=False)
         return [list(residual_detections(b, a)) for b, a in zip(boxes, again, strict=True)]
 
     return found

@@ -390,6 +390,58 @@ def test_what_the_correction_makes_detectable_goes_back_to_its_anonymized_pixels
     )
 
 
+class _SeesAnyChange(_FindsWhatMoved):
+    """A fake detector whose score depends on context: finds `box` whenever any pixel of `context` differs from
+    the uncorrected frame's, so putting back `box` alone does not hide it."""
+
+    def __init__(self, naive: list[Frame], box: Region, context: Region) -> None:
+        super().__init__(naive, box)
+        self.context = context
+
+    def __call__(self, positions: Sequence[int], published: Sequence[Frame]) -> list[list[BoxGeometry]]:
+        self.calls += 1
+        x1, y1, x2, y2 = int(self.context.x1), int(self.context.y1), int(self.context.x2), int(self.context.y2)
+        return [
+            [self.box] if not np.array_equal(p[y1:y2, x1:x2], self.naive[k][y1:y2, x1:x2]) else []
+            for k, p in zip(positions, published, strict=True)
+        ]
+
+
+def test_a_box_found_again_where_it_went_back_goes_back_with_more_until_it_is_not_found() -> None:
+    """Putting back the found box is not enough when the detection depends on pixels around it: the guard widens
+    what goes back (the box grown, then the whole frame), and no frame is published with the detection."""
+    ensemble = Ensemble([tiny_classifier()])
+    originals, anonymized, masks = _flipped(ensemble, masked_case())
+    naive = [Encoder().roundtrip(a).decoded for a in anonymized]
+    finder = _SeesAnyChange(naive, Region(24, 16, 32, 24), context=Region(24, 16, 72, 48))  # the whole masked box
+    settings = CorrectionSettings(max_change=128, time_budget_ms=None)
+    results = AdaptiveCorrector(ensemble, settings).correct(originals, anonymized, masks, finder)
+    assert any(r.iterations > 0 for r in results)
+    published = [r.encoded.decoded for r in results]
+    assert finder(list(range(len(results))), published) == [[] for _ in results], "a detection was published"
+    for result, anon in zip(results, anonymized, strict=True):
+        assert np.array_equal(result.pixels, anon), "only the uncorrected pixels hide it here"
+        assert result.stop_reason in ("found_again", "already_consistent", "corrected")
+
+
+def test_a_box_found_again_where_it_went_back_goes_back_with_its_surroundings_first() -> None:
+    """When the surroundings are enough (here the context lies in the box grown by its size), the rest of the
+    region keeps its correction."""
+    ensemble = Ensemble([tiny_classifier()])
+    originals, anonymized, masks = _flipped(ensemble, masked_case())
+    naive = [Encoder().roundtrip(a).decoded for a in anonymized]
+    # The box alone going back leaves JPEG blocks beside it changed; grown by its size it covers them.
+    box = Region(24, 16, 40, 32)
+    finder = _SeesAnyChange(naive, box, context=box)
+    settings = CorrectionSettings(max_change=128, time_budget_ms=None)
+    results = AdaptiveCorrector(ensemble, settings).correct(originals, anonymized, masks, finder)
+    published = [r.encoded.decoded for r in results]
+    assert finder(list(range(len(results))), published) == [[] for _ in results], "a detection was published"
+    for result, anon in zip(results, anonymized, strict=True):
+        assert np.array_equal(result.pixels[0:48, 8:56], anon[0:48, 8:56]), "the grown box went back"
+    assert any(r.consistent and r.iterations > 0 for r in results), "the rest of the region still corrects"
+
+
 def test_what_was_found_before_the_correction_is_not_its_doing() -> None:
     """A box found on the uncorrected frame too is the anonymizer's: the correction keeps its pixels there."""
     ensemble = Ensemble([tiny_classifier()])

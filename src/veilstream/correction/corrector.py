@@ -19,7 +19,7 @@ import numpy.typing as npt
 import torch
 
 from veilstream.correction.classifier import Decision, Ensemble
-from veilstream.correction.steps import GradientPoint, Stepping, seen_by_classifier
+from veilstream.correction.steps import SAME_PLACE_IOU, GradientPoint, Stepping, seen_by_classifier
 from veilstream.decoding.images import Frame
 from veilstream.geometry import BoxGeometry
 from veilstream.publishing.encoding import Encoded, Encoder
@@ -27,9 +27,6 @@ from veilstream.publishing.encoding import Encoded, Encoder
 StopCriterion = Literal["published", "float"]
 StepKind = Literal["sign", "max"]
 StopReason = Literal["already_consistent", "corrected", "iteration_budget", "time_budget", "no_region", "found_again"]
-# A box found again on the corrected frame that overlaps one found on the uncorrected frame this much was there
-# before the correction (the anonymizer's, not the correction's).
-SAME_PLACE_IOU = 0.3
 
 
 class FoundAgain(Protocol):
@@ -195,7 +192,7 @@ class AdaptiveCorrector:
         # A line search checks the step it keeps already: that check is the next round's.
         prechecked: dict[int, tuple[Encoded, tuple[Decision, ...]]] = {}
         uncorrected: dict[int, Frame] = {}  # the published pixels before any step, of the frames stepped
-        seen_before: dict[int, list[BoxGeometry]] = {}  # found again there (looked at only when needed)
+        seen_before: dict[int, list[BoxGeometry]] = {}  # found on the uncorrected pixels (looked at when needed)
         reverted: set[int] = set()  # frames with pixels put back because something was found again there
 
         def share(indices: Sequence[int], since: float) -> None:
@@ -274,8 +271,7 @@ class AdaptiveCorrector:
                     if not new:
                         ending.append((i, reason, c, frame))
                         continue
-                    stepping[i].revert(new)
-                    seen_before[i] = [*seen_before.get(i, []), *new]  # put back once: never a loop
+                    stepping[i].put_back(new)
                     reverted.add(i)
                     held.add(i)
                     still.append(i)  # checked again next round: finishes there when out of budget or region
@@ -315,7 +311,8 @@ class AdaptiveCorrector:
         seen_before: dict[int, list[BoxGeometry]],
     ) -> list[list[BoxGeometry]]:
         """Per ending stepped frame, what is found again on its published pixels and was not on its uncorrected
-        ones (the anonymizer's doing); those are looked at only for frames where something is found."""
+        ones (the anonymizer's doing); those are looked at only for frames where something is found. A box found
+        at a place already put back counts again (`Stepping.put_back` then widens what goes back)."""
         if not ending:
             return []
         found = found_again([e[0] for e in ending], [e[2][0].decoded for e in ending])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -57,15 +57,24 @@ def seen_by_classifier(
     return seen
 
 
+# A box found again on the corrected frame that overlaps one found on the uncorrected frame this much was there
+# before the correction (the anonymizer's, not the correction's); one overlapping a box put back this much was
+# found again at that place.
+SAME_PLACE_IOU = 0.3
+
+
 @dataclass
 class Stepping:
-    """A frame being stepped: its anonymized pixels, region, bounds and current float pixels, on the device."""
+    """A frame being stepped: its anonymized pixels, region, bounds and current float pixels, on the device, and
+    what the correction's guard put back so far."""
 
     anon: torch.Tensor
     region: torch.Tensor
     low: torch.Tensor
     high: torch.Tensor
     current: torch.Tensor
+    put_back_boxes: list[BoxGeometry] = field(default_factory=list)
+    widened: bool = False
 
     @classmethod
     def start(cls, anon: torch.Tensor, region: torch.Tensor, max_change: int) -> Stepping:
@@ -82,11 +91,31 @@ class Stepping:
     def move(self, move: torch.Tensor | None) -> None:
         self.current = self.bounded(move)
 
-    def revert(self, boxes: Sequence[BoxGeometry]) -> None:
-        """Put the pixels of `boxes` back to their anonymized values and take them out of the region."""
+    def revert(self, boxes: Sequence[BoxGeometry], grow: float = 0.0) -> None:
+        """Put the pixels of `boxes` back to their anonymized values and take them out of the region; `grow`:
+        each box first grown by that share of its width and height on every side."""
         height, width = self.region.shape[1:]
         for box in boxes:
-            x1, y1 = max(0, math.floor(box.x1)), max(0, math.floor(box.y1))
-            x2, y2 = min(width, math.ceil(box.x2)), min(height, math.ceil(box.y2))
+            dx, dy = grow * box.width, grow * box.height
+            x1, y1 = max(0, math.floor(box.x1 - dx)), max(0, math.floor(box.y1 - dy))
+            x2, y2 = min(width, math.ceil(box.x2 + dx)), min(height, math.ceil(box.y2 + dy))
             self.region[:, y1:y2, x1:x2] = False
             self.current[:, y1:y2, x1:x2] = self.anon[:, y1:y2, x1:x2]
+
+    def put_back(self, found: Sequence[BoxGeometry]) -> None:
+        """Revert what the guard found. A detection also depends on the pixels around its box: one found again
+        where its pixels already went back goes back with its surroundings (the box grown by its size on every
+        side), and the next time every pixel does. At most two escalations, so the guard's loop ends."""
+        again = [box for box in found if any(box.iou(old) > SAME_PLACE_IOU for old in self.put_back_boxes)]
+        if again and self.widened:
+            self.revert_all()
+        elif again:
+            self.revert(again, grow=1.0)
+            self.widened = True
+        self.revert([box for box in found if all(box is not other for other in again)])
+        self.put_back_boxes = [*self.put_back_boxes, *found]
+
+    def revert_all(self) -> None:
+        """Every pixel back to its anonymized value, and nothing left to step."""
+        self.region[:] = False
+        self.current = self.anon.clone()
