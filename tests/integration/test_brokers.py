@@ -363,3 +363,14 @@ def test_cli_fetch_prints_complete_libs_folder() -> None:
     libs = Path(result.stdout.strip())
     assert libs == fetch_kafka()  # no download the second time
     assert (libs / f"kafka_2.13-{KAFKA_VERSION}.jar").is_file()
+
+
+def test_a_cluster_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The storage tool reads "-t -abc…" as a missing value; a draw whose base64 starts with "-" is redrawn."""
+    from tests.support import brokers
+
+    draws = iter([uuid.UUID(bytes=bytes([0xF8]) + bytes(15)), uuid.UUID(bytes=bytes([0x10]) + bytes(15))])
+    monkeypatch.setattr(brokers.uuid, "uuid4", lambda: next(draws))
+    cluster_id = brokers._random_cluster_id()
+    assert not cluster_id.startswith("-")
+    assert cluster_id.startswith("E")

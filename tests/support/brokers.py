@@ -223,8 +223,15 @@ def _tail(path: Path, lines: int = 60, max_bytes: int = 64 * 1024) -> str:
 
 
 def _random_cluster_id() -> str:
-    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding (like ``kafka-storage random-uuid``)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
+    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding (like ``kafka-storage random-uuid``).
+
+    Like Kafka's ``Uuid.randomUuid``, an id starting with "-" is drawn again: the storage tool's
+    argument parser would read it as an option (1 draw in 64 did, and failed a CI run).
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
