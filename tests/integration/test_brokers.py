@@ -370,7 +370,7 @@ def test_a_cluster_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) 
     from tests.support import brokers
 
     draws = iter([uuid.UUID(bytes=bytes([0xF8]) + bytes(15)), uuid.UUID(bytes=bytes([0x10]) + bytes(15))])
-    monkeypatch.setattr(brokers.uuid, "uuid4", lambda: next(draws))
+    monkeypatch.setattr(uuid, "uuid4", lambda: next(draws))
     cluster_id = brokers._random_cluster_id()
     assert not cluster_id.startswith("-")
     assert cluster_id.startswith("E")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from veilstream.detectors.weights import cache_root
+from veilstream.detectors.weights import cache_root, move_into_place
 from veilstream.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -137,15 +137,15 @@ def cached_file(name: str, digest: str) -> Path:
 
 
 def export_to_cache(model: nn.Module, input_size: tuple[int, int], path: Path) -> None:
-    """Export next to `path` and rename into place, so a reader never sees a half-written file (two processes
-    exporting at once both write whole files; the last rename wins)."""
+    """Export next to `path` and rename into place durably, so a reader never sees a half-written file (two
+    processes exporting at once both write whole files; the last rename wins)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".onnx.tmp", dir=path.parent)
     os.close(handle)
     try:
         export(model, input_size, Path(temporary))
         os.chmod(temporary, 0o644)  # mkstemp makes it private; the cache is shared like any other
-        os.replace(temporary, path)
+        move_into_place(Path(temporary), path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise

@@ -22,6 +22,8 @@ from veilstream.stats import figures
 # Distinct values per label (topics, dead-letter reasons, stages, budgets): all come from the configuration and
 # the code today; the bound keeps a future source of free text (a topic pattern) from growing the registry.
 MAX_LABEL_VALUES = 64
+RESIDUAL_KINDS = ("face", "plate")
+BUDGETS = ("iteration", "time")  # a stop reason less "_budget"
 OTHER = "other"
 # Frame records per aggregate window: with the default 10 s window a worker would need 1,000 frames/s to reach it.
 MAX_WINDOW_RECORDS = 10_000
@@ -96,6 +98,15 @@ class WorkerMetrics:
             registry=r,
         )
         self.last_loop = Gauge("veilstream_last_loop_timestamp_seconds", "When the main loop last turned", registry=r)
+        self._start_known_series_at_zero()
+
+    def _start_known_series_at_zero(self) -> None:
+        """Export the closed label sets at 0 from the start: Prometheus' increase() needs a sample before the
+        first count, so a series born at 1 (a pod's first residual face) would never fire an alert."""
+        for kind in RESIDUAL_KINDS:
+            self.residual.labels(kind)
+        for budget in BUDGETS:
+            self.budget_exhausted.labels(self._budget(budget))
 
     def count(self, records: Sequence[FrameRecord], decode_s: float, latency_s: float) -> None:
         """Count the delivered frames of one batch: their records as they finally were (a refused output is a
