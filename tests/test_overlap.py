@@ -500,14 +500,15 @@ def test_while_a_batch_is_prepared_the_worker_polls_no_longer_than_the_prepare_s
     assert {timeout for timeout, held in timeouts if not held} == {3000}
 
     def slow(batch: Sequence[SourceItem]) -> PreparedBatch:
-        time.sleep(0.2)
+        time.sleep(1.0)
         return PreparedBatch(list(batch), [], None)
 
     background = BackgroundPrepare(slow)
     background.submit([])
     background.take()
     background.submit([])
-    assert 0.1 < background.expected_wait_s() < 0.3, "judged by the last prepare (0.2 s)"
+    # Wide bounds: this thread may be switched out for a while between submit and the call on a loaded machine.
+    assert 0.5 < background.expected_wait_s() < 1.3, "judged by the last prepare (1.0 s)"
     background.settle()
     assert background.expected_wait_s() == 0.0
     background.close()

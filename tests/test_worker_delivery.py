@@ -469,12 +469,18 @@ def test_the_shutdown_watchdog_exits_through_the_injected_function() -> None:
     assert exited.wait(5)
     assert codes == [SHUTDOWN_OVERRUN_EXIT]
 
-    stopped = Lifecycle(0.05, exit=exit_)
+    # 5 s, not 0.05: a thread switch of 50 ms between request_stop and finished fired a 0.05 s watchdog.
+    stopped = Lifecycle(5.0, exit=exit_)
     stopped.request_stop()
-    stopped.finished()  # the loop ended in time: the watchdog is disarmed
+    stopped.finished()  # the loop ended in time: the watchdog is disarmed, so its thread ends now
+    watchdog = stopped._watchdog
+    assert watchdog is not None
+    watchdog.join(2)
+    assert not watchdog.is_alive()
     late = Lifecycle(0.05, exit=exit_)
     late.finished()
     late.request_stop()  # after the loop ended (a host process stopping a worker): no watchdog at all
+    assert late._watchdog is None
     time.sleep(0.3)
     assert codes == [SHUTDOWN_OVERRUN_EXIT]
 

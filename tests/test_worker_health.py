@@ -182,7 +182,8 @@ def test_sigterm_during_an_outage_exits_0_within_its_share_and_commits_nothing_u
         thread.join(10)
         took = time.monotonic() - stopped
     assert getattr(worker, "code", None) == 0
-    assert 1.5 < took < 3.0, f"the deliveries get half of the 4 s grace, then the clients close: {took:.1f} s"
+    # Below the 4 s watchdog with room for a loaded machine; the deliveries' half of the grace is the lower bound.
+    assert 1.5 < took < 3.8, f"the deliveries get half of the 4 s grace, then the clients close: {took:.1f} s"
     assert worker.exits == [], "the watchdog is a last resort"  # type: ignore[attr-defined]
     assert kafka.committed == {} and kafka.topic(OUTPUT) == []
     (stop,) = [e for e in logs if e["event"] == "worker_stopped"]

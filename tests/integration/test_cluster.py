@@ -37,6 +37,8 @@ pytestmark = pytest.mark.slow
 
 CAMERAS = 6
 PARTITIONS = 4
+TAIL_ROUNDS = 2  # rounds of every camera a feed produces after `fed` is called
+MAX_ROUNDS = 200  # a feed never told to end stops here: 5 minutes of frames at 4 fps
 TOPIC_CONFIG = {"max.message.bytes": str(MAX_BYTES)}
 OUTAGE_S = float(os.environ.get("VEILSTREAM_OUTAGE_S", "20"))
 
@@ -84,6 +86,7 @@ class Scenario:
         self.workers: list[WorkerProcess] = []
         self.sent: list[tuple[str, int]] = []
         self._feeder: threading.Thread | None = None
+        self._enough = threading.Event()
 
     def config(self, worker_id: str) -> tuple[Path, int]:
         port = free_port()
@@ -128,13 +131,18 @@ class Scenario:
         worker.wait_ready(180)
         return worker
 
-    def feed(self, frames: list[bytes], per_camera: int, fps: float) -> None:
-        """Produce `per_camera` frames of each camera, round robin, at `fps` in all (in the background)."""
+    def feed(self, frames: list[bytes], per_camera: int, fps: float, until_fed: bool = False) -> None:
+        """Produce `per_camera` frames of each camera, round robin, at `fps` in all (in the background). With
+        `until_fed`, go on until `fed` is called and then `TAIL_ROUNDS` more, so that a change the test makes
+        before `fed` always comes mid-stream however slow the machine (a fixed length raced model loading)."""
 
         def run() -> None:
             producer = KafkaProducer(bootstrap_servers=self.cluster.bootstrap, acks="all", max_request_size=MAX_BYTES)
             try:
-                for sequence in range(per_camera):
+                sequence, tail = 0, TAIL_ROUNDS
+                while sequence < per_camera or (until_fed and tail > 0 and sequence < MAX_ROUNDS):
+                    if until_fed and self._enough.is_set() and sequence >= per_camera:
+                        tail -= 1
                     for camera in range(CAMERAS):
                         name = f"cam-{camera}"
                         headers = [("camera-id", name.encode()), ("sequence", str(sequence).encode())]
@@ -142,6 +150,7 @@ class Scenario:
                         producer.send(self.input, key=name.encode(), value=data, headers=headers)
                         self.sent.append((name, sequence))
                         time.sleep(1 / fps)
+                    sequence += 1
                 producer.flush(60)
             finally:
                 producer.close(10)
@@ -151,6 +160,7 @@ class Scenario:
 
     def fed(self, timeout: float = 120) -> None:
         assert self._feeder is not None
+        self._enough.set()
         self._feeder.join(timeout)
         assert not self._feeder.is_alive(), "the camera feed did not finish"
 
@@ -170,6 +180,7 @@ class Scenario:
                 assert worker.process.poll() is None or worker.process.returncode in (0, -9), worker.tail()
 
     def stop(self) -> None:
+        self._enough.set()
         for worker in self.workers:
             if worker.process.poll() is None:
                 worker.signal(signal.SIGTERM)
@@ -274,7 +285,7 @@ def test_two_workers_scaled_up_and_down_mid_stream_lose_nothing_and_keep_each_ca
     scenario = Scenario(cluster, "scale", tmp_path)
     try:
         first = scenario.start_worker("w1")
-        scenario.feed(frames, per_camera=20, fps=4)  # 30 s of frames
+        scenario.feed(frames, per_camera=20, fps=4, until_fed=True)  # 30 s of frames, or more until fed()
         second = scenario.launch_worker("w2")  # scale up: it joins mid-stream once its models are loaded
         second.wait_ready(180)
         joined = len(scenario.sent)
@@ -298,7 +309,7 @@ def test_exactly_once_through_a_worker_and_a_broker_kill_9_shows_every_frame_onc
     scenario = Scenario(cluster, "eos", tmp_path, processing_guarantee="exactly-once", transaction_timeout_ms=30_000)
     try:
         scenario.start_worker("eos-1")
-        scenario.feed(frames, per_camera=16, fps=3)  # 32 s of frames
+        scenario.feed(frames, per_camera=16, fps=3, until_fed=True)  # 32 s of frames, or more until fed()
         scenario.wait_outputs(8)
         leader = cluster.leader(scenario.output, 0)
         cluster.kill(leader)  # a broker: the transactions in flight abort or wait for the new leaders

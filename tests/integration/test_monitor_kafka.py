@@ -257,7 +257,7 @@ def test_kafka_problems_exit_2(kafka_bootstrap: str, topics: tuple[str, str]) ->
 def test_live_dashboard(kafka_bootstrap: str, topics: tuple[str, str]) -> None:
     metrics, dlq = topics
     out = io.StringIO()
-    code = run_monitor(kafka_bootstrap, metrics, dlq, refresh_s=0.5, duration_s=4, display="plain", out=out)
+    code = run_monitor(kafka_bootstrap, metrics, dlq, refresh_s=0.5, duration_s=10, display="plain", out=out)
     assert code == 0
     last = out.getvalue().strip().split("\n\n")[-3:]
     assert "[live]" in last[0]
@@ -265,9 +265,9 @@ def test_live_dashboard(kafka_bootstrap: str, topics: tuple[str, str]) -> None:
     assert last[2] == "thresholds: ok"
 
 
-def test_report_loader_reads_a_time_range(kafka_bootstrap: str, topics: tuple[str, str]) -> None:
+def test_report_loader_reads_a_time_range(kafka_bootstrap: str, topics: tuple[str, str], now: datetime) -> None:
+    """`now` is the records' clock: a second reading of the time, after a slow setup, moved the range's edges."""
     metrics, _ = topics
-    now = datetime.now(UTC)
     records = load_kafka(kafka_bootstrap, metrics, since=now - timedelta(minutes=10), until=now)
     frames = [r for r in records if isinstance(r, FrameRecord)]
     assert sorted(f.camera_id for f in frames) == ["cam-a"] * 3 + ["cam-b"] * 3
