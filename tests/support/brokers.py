@@ -226,7 +226,7 @@ def _random_cluster_id() -> str:
     """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding (like ``kafka-storage random-uuid``).
 
     Like Kafka's ``Uuid.randomUuid``, an id starting with "-" is drawn again: the storage tool's
-    argument parser would read it as an option (1 draw in 64 did, and failed a CI run).
+    argument parser reads it as an option (1 draw in 64 starts so; one failed a CI run).
     """
     while True:
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
