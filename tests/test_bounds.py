@@ -200,12 +200,8 @@ def test_closed_label_sets_are_exported_at_zero_before_the_first_count() -> None
     """An alert on increase() sees a count only against an earlier sample: a pod's first residual face must
     raise its series from 0, not create it at 1."""
     metrics = WorkerMetrics()
-    assert dict(
-        (labels["kind"], value) for labels, value in _series(metrics, "veilstream_residual_detections_total")
-    ) == {
-        "face": 0.0,
-        "plate": 0.0,
-    }
+    residual = {labels["kind"]: value for labels, value in _series(metrics, "veilstream_residual_detections_total")}
+    assert residual == {"face": 0.0, "plate": 0.0}
     budgets = {labels["budget"]: value for labels, value in _series(metrics, "veilstream_budget_exhaustions_total")}
     assert budgets == {"iteration": 0.0, "time": 0.0}
     metrics.count([record(0, residual_faces=1)], 0.001, 0.01)

@@ -469,7 +469,7 @@ def test_the_shutdown_watchdog_exits_through_the_injected_function() -> None:
     assert exited.wait(5)
     assert codes == [SHUTDOWN_OVERRUN_EXIT]
 
-    # 5 s, not 0.05: a thread switch of 50 ms between request_stop and finished fired a 0.05 s watchdog.
+    # 5 s, not 0.05: a thread switch of 50 ms between request_stop and finished would fire a 0.05 s watchdog.
     stopped = Lifecycle(5.0, exit=exit_)
     stopped.request_stop()
     stopped.finished()  # the loop ended in time: the watchdog is disarmed, so its thread ends now
