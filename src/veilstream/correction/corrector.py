@@ -27,6 +27,7 @@ from veilstream.publishing.encoding import Encoded, Encoder
 StopCriterion = Literal["published", "float"]
 StepKind = Literal["sign", "max"]
 StopReason = Literal["already_consistent", "corrected", "iteration_budget", "time_budget", "no_region", "found_again"]
+BUDGET_STOPS: tuple[StopReason, ...] = ("iteration_budget", "time_budget")
 
 
 class FoundAgain(Protocol):
@@ -102,7 +103,7 @@ class CorrectionResult:
 
     @property
     def budget_exhausted(self) -> bool:
-        return self.stop_reason in ("iteration_budget", "time_budget")
+        return self.stop_reason in BUDGET_STOPS
 
 
 def _changed(a: tuple[Decision, ...], b: tuple[Decision, ...]) -> bool:

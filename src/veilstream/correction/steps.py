@@ -107,12 +107,14 @@ class Stepping:
         where its pixels already went back goes back with its surroundings (the box grown by its size on every
         side), and the next time every pixel does. At most two escalations, so the guard's loop ends."""
         again = [box for box in found if any(box.iou(old) > SAME_PLACE_IOU for old in self.put_back_boxes)]
+        first = [box for box in found if not any(box is other for other in again)]
         if again and self.widened:
             self.revert_all()
-        elif again:
-            self.revert(again, grow=1.0)
-            self.widened = True
-        self.revert([box for box in found if all(box is not other for other in again)])
+        else:
+            if again:
+                self.revert(again, grow=1.0)
+                self.widened = True
+            self.revert(first)
         self.put_back_boxes = [*self.put_back_boxes, *found]
 
     def revert_all(self) -> None:

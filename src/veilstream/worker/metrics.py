@@ -16,14 +16,15 @@ from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from veilstream.correction.corrector import BUDGET_STOPS
+from veilstream.detectors.base import KINDS
 from veilstream.schemas import AggregateRecord, FrameRecord
 from veilstream.stats import figures
 
 # Distinct values per label (topics, dead-letter reasons, stages, budgets): all come from the configuration and
 # the code today; the bound keeps a future source of free text (a topic pattern) from growing the registry.
 MAX_LABEL_VALUES = 64
-RESIDUAL_KINDS = ("face", "plate")
-BUDGETS = ("iteration", "time")  # a stop reason less "_budget"
+BUDGETS = tuple(reason.removesuffix("_budget") for reason in BUDGET_STOPS)  # the label: a stop reason's budget
 OTHER = "other"
 # Frame records per aggregate window: with the default 10 s window a worker would need 1,000 frames/s to reach it.
 MAX_WINDOW_RECORDS = 10_000
@@ -103,7 +104,7 @@ class WorkerMetrics:
     def _start_known_series_at_zero(self) -> None:
         """Export the closed label sets at 0 from the start: Prometheus' increase() needs a sample before the
         first count, so a series born at 1 (a pod's first residual face) would never fire an alert."""
-        for kind in RESIDUAL_KINDS:
+        for kind in KINDS:
             self.residual.labels(kind)
         for budget in BUDGETS:
             self.budget_exhausted.labels(self._budget(budget))
